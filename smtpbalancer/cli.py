@@ -1,0 +1,163 @@
+"""Command line: `smtpbalancer serve|check-config|sink|demo|version`.
+
+Picks the event loop (uvloop unless `--loop asyncio`), sets up logging on
+stderr, maps errors to exit codes: 0 ok, 1 runtime failure, 2 usage or
+config error. Config keys are never mirrored as flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from smtpbalancer import __version__, config
+from smtpbalancer.errors import ConfigError, SpoolError
+
+log = logging.getLogger("smtpbalancer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smtpbalancer", description=__doc__.splitlines()[0])
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the relay in the foreground")
+    serve.add_argument("--config", required=True, type=Path)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("--config", required=True, type=Path)
+
+    sink = sub.add_parser("sink", help="run a small test relay that accepts mail")
+    sink.add_argument("--listen", required=True, help="HOST:PORT (port 0 = any free port)")
+    sink.add_argument("--maildir", type=Path, default=None, help="store accepted mail here")
+    sink.add_argument("--tempfail-rate", type=float, default=0.0, help="P(RCPT answered 451)")
+    sink.add_argument("--permfail-rate", type=float, default=0.0, help="P(RCPT answered 550)")
+    sink.add_argument("--delay", type=float, default=0.0, help="seconds before the DATA reply")
+
+    demo = sub.add_parser("demo", help="relay a few thousand messages through local sinks")
+    demo.add_argument("--messages", type=int, default=3000)
+    demo.add_argument("--clients", type=int, default=20)
+    demo.add_argument("--keep-spool", type=Path, default=None, help="spool here, not in a temp dir")
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    command: str = args.command
+    if command == "version":
+        print(f"smtpbalancer {__version__}")
+        return 0
+    if command == "check-config":
+        return _check_config(args.config)
+    if command == "serve":
+        return _serve(args.config, args.loop)
+    if command == "sink":
+        from smtpbalancer.sink import run_sink
+
+        return _run(
+            lambda: run_sink(
+                args.listen,
+                maildir=args.maildir,
+                tempfail_rate=args.tempfail_rate,
+                permfail_rate=args.permfail_rate,
+                delay_s=args.delay,
+            ),
+            args.loop,
+        )
+    if command == "demo":
+        from smtpbalancer.demo import run_demo
+
+        return _run(
+            lambda: run_demo(messages=args.messages, clients=args.clients, spool=args.keep_spool),
+            args.loop,
+        )
+    raise AssertionError(command)
+
+
+def _check_config(path: Path) -> int:
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    ups = ", ".join(
+        f"{u.name}={u.endpoint} w={u.weight}{' backup' if u.backup else ''}" for u in cfg.upstreams
+    )
+    print(
+        f"ok: {path}: listen {cfg.server.host}:{cfg.server.port}, spool {cfg.spool.directory}, "
+        f"{len(cfg.upstreams)} upstream(s): {ups}"
+    )
+    return 0
+
+
+def _serve(path: Path, loop_name: str) -> int:
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config.invalid %s", problem)
+        return 2
+    from smtpbalancer.app import App
+
+    async def serve() -> int:
+        app = App(cfg)
+        try:
+            await app.start()
+        except SpoolError as exc:
+            log.error("spool.unavailable %s", exc)
+            return 1
+        except OSError as exc:
+            log.error("smtpbalancer.start_failed %s", exc)
+            await app.stop()
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app.request_stop)
+        await app.wait_stopped()
+        await app.stop()
+        return 0
+
+    return _run(serve, loop_name)
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, Any]], loop_name: str) -> int:
+    loop_factory = None
+    if loop_name == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        try:
+            result = runner.run(_cancel_on_signal(factory))
+        except KeyboardInterrupt:
+            return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+async def _cancel_on_signal(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run the coroutine; SIGTERM/SIGINT cancel it unless it installs its own handlers."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await factory()
+    except asyncio.CancelledError:
+        return 0

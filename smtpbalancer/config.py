@@ -1,0 +1,419 @@
+"""Config: TOML in, a frozen dataclass tree out.
+
+Parsed once at the edge. Every problem names its key path
+(`upstream[0].weight: must be >= 0`) and all problems are reported together.
+Unknown keys are errors. Units live in the field names (`_s`, `_bytes`).
+Durations: a number of seconds or "250ms", "30s", "15m", "2h", "5d".
+Sizes: an integer of bytes or "100KB", "50MB", "1GiB" (KB/MB/GB are powers of
+1000, KiB/MiB/GiB powers of 1024).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias, TypeVar
+
+from smtpbalancer.errors import ConfigError
+
+T = TypeVar("T")
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    hostname: str = field(default_factory=socket.gethostname)
+    max_message_size_bytes: int = 50_000_000
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    allow_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    idle_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolConfig:
+    directory: Path = Path("/var/spool/smtpbalancer")
+    max_size_bytes: int = 10_000_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    retry_initial_s: float = 30.0
+    retry_max_s: float = 900.0
+    max_lifetime_s: float = 5 * 86400.0
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9465
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheckConfig:
+    interval_s: float = 5.0
+    timeout_s: float = 5.0
+    fall: int = 3
+    rise: int = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    open_for_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    name: str
+    host: str
+    port: int
+    weight: int = 1  # 0 = never selected
+    max_connections: int = 10
+    max_messages_per_connection: int = 100
+    backup: bool = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig
+    spool: SpoolConfig
+    delivery: DeliveryConfig
+    metrics: MetricsConfig
+    health_check: HealthCheckConfig
+    circuit_breaker: BreakerConfig
+    upstreams: tuple[UpstreamConfig, ...]
+    source: str = "<defaults>"
+
+
+# --- value parsers (shared with the CLI) -------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (found := _DURATION.match(value)):
+        seconds = float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    else:
+        raise ValueError(
+            f"expected a duration like '250ms', '30s', '15m', '2h', '5d', got {value!r}"
+        )
+    if seconds < 0:
+        raise ValueError("must be >= 0")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 50MB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (found := _SIZE.match(value)):
+        size = int(float(found.group(1)) * _SIZE_UNITS[(found.group(2) or "B").upper()])
+    else:
+        raise ValueError(f"expected bytes or a size like '100KB', '50MB', '1GiB', got {value!r}")
+    if size < 0:
+        raise ValueError("must be >= 0")
+    return size
+
+
+def parse_hostport(value: object) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port). Port 0 means an ephemeral port."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+# --- the reader ----------------------------------------------------------------
+
+
+class _Keys:
+    """Reads one TOML table, remembers what was read, collects problems with key paths."""
+
+    def __init__(self, raw: object, where: str, problems: list[str]) -> None:
+        self._where = where
+        self._problems = problems
+        self._seen: set[str] = set()
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            problems.append(f"{where}: must be a table")
+            raw = {}
+        self._raw: Mapping[str, object] = raw
+
+    def _path(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def _get(self, key: str) -> object | None:
+        self._seen.add(key)
+        return self._raw.get(key)
+
+    def problem(self, key: str, text: str) -> None:
+        self._problems.append(f"{self._path(key)}: {text}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self._get(key)
+        if value is None:
+            if default is None:
+                self.problem(key, "is required")
+                return ""
+            return default
+        if not isinstance(value, str) or not value.strip():
+            self.problem(key, "must be a non-empty string")
+            return default or ""
+        return value
+
+    def integer(self, key: str, default: int, low: int | None = None) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(key, "must be an integer")
+            return default
+        if low is not None and value < low:
+            self.problem(key, f"must be ≥ {low}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problem(key, "must be true or false")
+            return default
+        return value
+
+    def _convert(self, key: str, default: T, parse: Callable[[object], T]) -> T:
+        value = self._get(key)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default
+
+    def duration(self, key: str, default: float, positive: bool = False) -> float:
+        seconds = self._convert(key, default, parse_duration)
+        if positive and seconds <= 0:
+            self.problem(key, "must be > 0")
+            return default
+        return seconds
+
+    def size(self, key: str, default: int) -> int:
+        return self._convert(key, default, parse_size)
+
+    def hostport(self, key: str, default: tuple[str, int] | None) -> tuple[str, int]:
+        if self._raw.get(key) is None and default is None:
+            self._get(key)
+            self.problem(key, "is required")
+            return ("", 0)
+        return self._convert(key, default or ("", 0), parse_hostport)
+
+    def networks(self, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(key, "must be a list of CIDR strings")
+            return default
+        nets: list[Network] = []
+        for i, item in enumerate(value):
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self._problems.append(f"{self._path(key)}[{i}]: not a network: {item!r}")
+        return tuple(nets)
+
+    def reject_unknown(self) -> None:
+        for key in self._raw:
+            if key not in self._seen:
+                self._problems.append(f"{self._path(key)}: unknown key")
+
+
+_SECTIONS = (
+    "server",
+    "spool",
+    "delivery",
+    "metrics",
+    "health_check",
+    "circuit_breaker",
+    "upstream",
+)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML file. Raises ConfigError naming every bad key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return from_mapping(raw, source=str(path))
+
+
+def from_mapping(raw: Mapping[str, object], source: str = "<mapping>") -> Config:
+    problems: list[str] = []
+    for key in raw:
+        if key not in _SECTIONS:
+            problems.append(f"{key}: unknown key")
+    cfg = Config(
+        server=_server(_Keys(raw.get("server"), "server", problems)),
+        spool=_spool(_Keys(raw.get("spool"), "spool", problems)),
+        delivery=_delivery(_Keys(raw.get("delivery"), "delivery", problems)),
+        metrics=_metrics(_Keys(raw.get("metrics"), "metrics", problems)),
+        health_check=_health(_Keys(raw.get("health_check"), "health_check", problems)),
+        circuit_breaker=_breaker(_Keys(raw.get("circuit_breaker"), "circuit_breaker", problems)),
+        upstreams=_upstreams(raw.get("upstream"), problems),
+        source=source,
+    )
+    if cfg.delivery.retry_max_s < cfg.delivery.retry_initial_s:
+        problems.append("delivery.retry_max: must be ≥ delivery.retry_initial")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _server(keys: _Keys) -> ServerConfig:
+    d = ServerConfig()
+    host, port = keys.hostport("listen", (d.host, d.port))
+    cfg = ServerConfig(
+        host=host,
+        port=port,
+        hostname=keys.text("hostname", d.hostname),
+        max_message_size_bytes=keys.size("max_message_size", d.max_message_size_bytes),
+        max_recipients=keys.integer("max_recipients", d.max_recipients, low=1),
+        max_connections=keys.integer("max_connections", d.max_connections, low=1),
+        allow_networks=keys.networks("allow_networks", d.allow_networks),
+        idle_timeout_s=keys.duration("idle_timeout", d.idle_timeout_s, positive=True),
+        drain_timeout_s=keys.duration("drain_timeout", d.drain_timeout_s),
+    )
+    if any(c in cfg.hostname for c in " \t\r\n"):
+        keys.problem("hostname", "must not contain white space")
+    keys.reject_unknown()
+    return cfg
+
+
+def _spool(keys: _Keys) -> SpoolConfig:
+    d = SpoolConfig()
+    cfg = SpoolConfig(
+        directory=Path(keys.text("directory", str(d.directory))),
+        max_size_bytes=keys.size("max_size", d.max_size_bytes),
+    )
+    keys.reject_unknown()
+    return cfg
+
+
+def _delivery(keys: _Keys) -> DeliveryConfig:
+    d = DeliveryConfig()
+    cfg = DeliveryConfig(
+        retry_initial_s=keys.duration("retry_initial", d.retry_initial_s, positive=True),
+        retry_max_s=keys.duration("retry_max", d.retry_max_s, positive=True),
+        max_lifetime_s=keys.duration("max_lifetime", d.max_lifetime_s, positive=True),
+        timeout_s=keys.duration("timeout", d.timeout_s, positive=True),
+    )
+    keys.reject_unknown()
+    return cfg
+
+
+def _metrics(keys: _Keys) -> MetricsConfig:
+    d = MetricsConfig()
+    value = keys._get("listen")
+    if value == "":
+        keys.reject_unknown()
+        return MetricsConfig(enabled=False)
+    host, port = keys.hostport("listen", (d.host, d.port))
+    keys.reject_unknown()
+    return MetricsConfig(host=host, port=port)
+
+
+def _health(keys: _Keys) -> HealthCheckConfig:
+    d = HealthCheckConfig()
+    cfg = HealthCheckConfig(
+        interval_s=keys.duration("interval", d.interval_s, positive=True),
+        timeout_s=keys.duration("timeout", d.timeout_s, positive=True),
+        fall=keys.integer("fall", d.fall, low=1),
+        rise=keys.integer("rise", d.rise, low=1),
+    )
+    keys.reject_unknown()
+    return cfg
+
+
+def _breaker(keys: _Keys) -> BreakerConfig:
+    d = BreakerConfig()
+    cfg = BreakerConfig(
+        failure_threshold=keys.integer("failure_threshold", d.failure_threshold, low=1),
+        open_for_s=keys.duration("open_for", d.open_for_s, positive=True),
+    )
+    keys.reject_unknown()
+    return cfg
+
+
+def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
+    if raw is None:
+        problems.append("upstream: at least one [[upstream]] is required")
+        return ()
+    if not isinstance(raw, list):
+        problems.append("upstream: must be an array of tables ([[upstream]])")
+        return ()
+    result: list[UpstreamConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        keys = _Keys(item, f"upstream[{i}]", problems)
+        host, port = keys.hostport("address", None)
+        cfg = UpstreamConfig(
+            name=keys.text("name"),
+            host=host,
+            port=port,
+            weight=keys.integer("weight", 1, low=0),
+            max_connections=keys.integer("max_connections", 10, low=1),
+            max_messages_per_connection=keys.integer("max_messages_per_connection", 100, low=1),
+            backup=keys.boolean("backup", False),
+        )
+        keys.reject_unknown()
+        if cfg.name in names:
+            keys.problem("name", f"duplicate upstream name {cfg.name!r}")
+        if cfg.name and not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name):
+            keys.problem("name", "use letters, digits, '.', '_' or '-'")
+        names.add(cfg.name)
+        result.append(cfg)
+    if raw and not any(u.weight > 0 for u in result):
+        problems.append("upstream: at least one upstream needs weight > 0")
+    return tuple(result)

@@ -1,0 +1,354 @@
+"""Delivery workers: take due jobs, pick an upstream, send, settle each recipient.
+
+Decide synchronously, act asynchronously (STYLE §5): `_dispatch` decides where
+a due job goes without awaiting; `_attempt` does the I/O and then `_settle`
+applies the per-recipient verdict:
+- all recipients settled -> bounce the failed ones (RFC 3464 DSN, never to <>),
+  then remove the message from the spool (invariant 2);
+- some deferred -> record settled recipients durably (invariant 3), then retry
+  at once on an upstream that has not deferred it this round; when every
+  eligible upstream has, back off (retry.py) and start a new round;
+- no eligible upstream at all -> park until a breaker lets traffic through.
+Concurrency is bounded by a semaphore (sum of upstream connection limits).
+Fresh bodies are kept in memory up to a byte budget; everything else is read
+back from the spool, so the queue in memory is an index, never the bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Coroutine
+from typing import Any
+
+from smtpbalancer.clock import Clock
+from smtpbalancer.delivery import dsn
+from smtpbalancer.delivery.outcome import Fate, Signal, Verdict, classify
+from smtpbalancer.delivery.retry import RetryPolicy
+from smtpbalancer.delivery.scheduler import Job, Scheduler
+from smtpbalancer.envelope import Envelope
+from smtpbalancer.errors import SpoolCorrupt, SpoolError, UpstreamError
+from smtpbalancer.metrics import MESSAGES_BOUNCED
+from smtpbalancer.replies import SendResult
+from smtpbalancer.spool.record import Failure, MessageMeta, Progress
+from smtpbalancer.spool.store import SpoolStore
+from smtpbalancer.tasks import cancel_and_wait, spawn
+from smtpbalancer.upstream.registry import Registry, Upstream
+
+log = logging.getLogger(__name__)
+
+HOT_BODY_BUDGET = 64 * 1024 * 1024
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: SpoolStore,
+        registry: Registry,
+        scheduler: Scheduler,
+        policy: RetryPolicy,
+        clock: Clock,
+        hostname: str,
+        concurrency: int,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._scheduler = scheduler
+        self._policy = policy
+        self._clock = clock
+        self._hostname = hostname
+        self._slots = asyncio.Semaphore(concurrency)
+        self._rng = rng or random.Random()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._hot_bytes = 0
+        self._opening: asyncio.TimerHandle | None = None
+        self._opening_at = 0.0
+        registry.on_recovery = self._unpark
+        # plain counters for reports and tests
+        self.attempts = 0
+        self.deferrals = 0
+        self.bounces = 0
+        self.completed = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Dispatcher inflight={len(self._inflight)} {self._scheduler!r}"
+            f" hot_bytes={self._hot_bytes} completed={self.completed}>"
+        )
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def enqueue(
+        self, meta: MessageMeta, body: bytes | None, progress: Progress | None = None
+    ) -> None:
+        job = Job(meta, progress or Progress())
+        if body is not None and self._hot_bytes + len(body) <= HOT_BODY_BUDGET:
+            job.body = body
+            self._hot_bytes += len(body)
+        self._scheduler.add(job)
+
+    async def run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                job = await self._scheduler.next()
+            except BaseException:
+                self._slots.release()
+                raise
+            self._dispatch(job)
+
+    async def finish(self, timeout_s: float) -> None:
+        """Let in-flight deliveries finish within timeout_s; cancel the rest (they stay spooled)."""
+        if self._opening is not None:
+            self._opening.cancel()
+        pending = set(self._inflight)
+        if pending:
+            log.info("delivery.finishing inflight=%d timeout=%.1fs", len(pending), timeout_s)
+            _, still = await asyncio.wait(pending, timeout=timeout_s)
+            if still:
+                log.warning("delivery.abandoned inflight=%d (they stay spooled)", len(still))
+                await cancel_and_wait(list(still))
+
+    # --- decisions (synchronous) ---------------------------------------------
+
+    def _dispatch(self, job: Job) -> None:
+        meta = job.meta
+        if not job.progress.pending(meta.envelope.rcpt_tos):
+            self._start(job, self._finish(job, job.body))
+            return
+        if self._policy.expired(self._clock.wall() - meta.received_wall):
+            self._start(job, self._expire(job))
+            return
+        now = self._clock.monotonic()
+        upstream = self._registry.choose(now, frozenset(job.avoid))
+        if upstream is not None:
+            self._start(job, self._attempt(job, upstream))
+            return
+        self._slots.release()
+        self._drop_hot(job)
+        if self._registry.any_eligible(now):
+            self._next_round(job, now)  # every eligible upstream deferred it this round
+        else:
+            self._scheduler.park(job)
+            self._arm_opening_timer()
+
+    def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        task = spawn(self._guarded(job, work), name=f"deliver:{job.queue_id}")
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _next_round(self, job: Job, now: float) -> None:
+        job.rounds += 1
+        delay = self._policy.backoff(job.rounds, self._rng.random())
+        log.info(
+            "delivery.retry_scheduled queue_id=%s round=%d retry_in=%.1fs tried=%s",
+            job.queue_id,
+            job.rounds,
+            delay,
+            ",".join(sorted(job.avoid)),
+        )
+        job.avoid.clear()
+        self._scheduler.add(job, now + delay)
+
+    def _arm_opening_timer(self) -> None:
+        at = self._registry.next_opening()
+        if at is None:
+            return  # a probe is in flight; its outcome unparks or re-arms
+        if self._opening is not None and self._opening_at <= at:
+            return
+        if self._opening is not None:
+            self._opening.cancel()
+        delay = max(0.0, at - self._clock.monotonic())
+        self._opening_at = at
+        self._opening = asyncio.get_running_loop().call_later(delay, self._unpark)
+
+    def _unpark(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
+        if self._scheduler.parked:
+            log.info("delivery.unpark jobs=%d", self._scheduler.parked)
+            self._scheduler.unpark_all()
+
+    def _drop_hot(self, job: Job) -> None:
+        if job.body is not None:
+            self._hot_bytes -= len(job.body)
+            job.body = None
+
+    # --- actions (asynchronous) ------------------------------------------------
+
+    async def _guarded(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never lose a message to a bug: it stays spooled and is retried later.
+            log.exception("delivery.crashed queue_id=%s", job.queue_id)
+            self._drop_hot(job)
+            self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
+        finally:
+            self._slots.release()
+
+    async def _body(self, job: Job) -> bytes | None:
+        if job.body is not None:
+            return job.body
+        try:
+            return await self._store.load_body(job.meta)
+        except SpoolCorrupt as exc:
+            await self._store.quarantine(job.meta, exc.why)
+            return None
+
+    async def _attempt(self, job: Job, upstream: Upstream) -> None:
+        body = await self._body(job)
+        if body is None:
+            return
+        env = job.meta.envelope
+        pending = job.progress.pending(env.rcpt_tos)
+        self.attempts += 1
+        started = self._clock.monotonic()
+        result: SendResult | UpstreamError
+        try:
+            result = await upstream.send(
+                env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+            )
+        except UpstreamError as exc:
+            result = exc
+        upstream.metrics.seconds.observe(self._clock.monotonic() - started)
+        verdict = classify(result, pending)
+        if verdict.signal is Signal.FAILURE:
+            upstream.metrics.attempt_broken.inc()
+            assert isinstance(result, UpstreamError)
+            self._registry.record_failure(upstream, f"{result.stage}: {result.reason}")
+            if self._scheduler.parked:
+                self._arm_opening_timer()
+        else:
+            upstream.metrics.attempt_ok.inc()
+            self._registry.record_success(upstream)
+        await self._settle(job, upstream, verdict, body)
+
+    async def _settle(self, job: Job, upstream: Upstream, verdict: Verdict, body: bytes) -> None:
+        delivered = verdict.having(Fate.DELIVERED)
+        failed = verdict.having(Fate.FAIL)
+        deferred = verdict.having(Fate.DEFER)
+        wall = self._clock.wall()
+        if delivered:
+            upstream.metrics.delivered.inc()
+            log.debug(
+                "delivery.delivered queue_id=%s upstream=%s rcpts=%d upstream_queue_id=%s",
+                job.queue_id,
+                upstream.name,
+                len(delivered),
+                verdict.upstream_queue_id,
+            )
+        old = job.progress
+        new_failures = {
+            r: Failure(
+                verdict.replies[r].effective_status,
+                verdict.replies[r].line,
+                upstream.config.host,
+                wall,
+            )
+            for r in failed
+        }
+        job.progress = Progress(
+            delivered=old.delivered | frozenset(delivered),
+            failed={**old.failed, **new_failures},
+            attempts=old.attempts + 1,
+        )
+        if failed:
+            log.info(
+                "delivery.failed queue_id=%s upstream=%s rcpts=%d reply=%r",
+                job.queue_id,
+                upstream.name,
+                len(failed),
+                verdict.replies[failed[0]].line,
+            )
+        if not deferred:
+            await self._finish(job, body)
+            return
+        self.deferrals += 1
+        upstream.metrics.deferred.inc()
+        for rcpt in deferred:
+            job.last_reply[rcpt] = verdict.replies[rcpt]
+        log.info(
+            "delivery.deferred queue_id=%s upstream=%s rcpts=%d reply=%r",
+            job.queue_id,
+            upstream.name,
+            len(deferred),
+            verdict.replies[deferred[0]].line,
+        )
+        if delivered or failed:
+            try:
+                await self._store.save_progress(job.queue_id, job.progress)
+            except SpoolError as exc:  # worst case after a crash: a duplicate, never a loss
+                log.error("spool.progress_failed queue_id=%s error=%s", job.queue_id, exc)
+        job.avoid.add(upstream.name)
+        self._scheduler.add(job)  # _dispatch sends it elsewhere, or starts a new round
+
+    async def _expire(self, job: Job) -> None:
+        wall = self._clock.wall()
+        pending = job.progress.pending(job.meta.envelope.rcpt_tos)
+        failures = dict(job.progress.failed)
+        for rcpt in pending:
+            last = job.last_reply.get(rcpt)
+            failures[rcpt] = Failure(EXPIRED_STATUS, last.line if last else "", "", wall)
+        log.warning("delivery.expired queue_id=%s rcpts=%d", job.queue_id, len(pending))
+        job.progress = Progress(job.progress.delivered, failures, job.progress.attempts)
+        await self._finish(job, job.body)
+
+    async def _finish(self, job: Job, body: bytes | None) -> None:
+        meta = job.meta
+        failed = job.progress.failed
+        if failed and meta.envelope.null_sender:
+            # RFC 5321 §6.1: never bounce a bounce.
+            log.info("delivery.bounce_dropped queue_id=%s rcpts=%d", job.queue_id, len(failed))
+        elif failed:
+            if body is None:
+                body = await self._body(job)
+                if body is None:
+                    return
+            await self._bounce(job, body)
+        await self._store.remove(meta)
+        self._drop_hot(job)
+        self.completed += 1
+
+    async def _bounce(self, job: Job, body: bytes) -> None:
+        meta = job.meta
+        report = dsn.build_dsn(
+            reporting_mta=self._hostname,
+            queue_id=meta.queue_id,
+            original_sender=meta.envelope.mail_from,
+            arrival_wall=meta.received_wall,
+            now_wall=self._clock.wall(),
+            failed=[
+                dsn.FailedRecipient(
+                    address=rcpt,
+                    status=f.status,
+                    diagnostic=f.diagnostic,
+                    remote_mta=f.remote_mta,
+                    last_attempt_wall=f.at_wall or None,
+                )
+                for rcpt, f in job.progress.failed.items()
+            ],
+            original_headers=dsn.original_headers(body),
+            message_id=f"{meta.queue_id}.dsn@{self._hostname}",
+        )
+        bounce_env = Envelope("", (meta.envelope.mail_from,), smtputf8=meta.envelope.smtputf8)
+        # Raises SpoolError: then the original stays spooled and is finished again later.
+        bounce = await self._store.store(bounce_env, report, client="localhost")
+        self.bounces += 1
+        MESSAGES_BOUNCED.inc()
+        log.info(
+            "delivery.bounced queue_id=%s rcpts=%d dsn_queue_id=%s",
+            meta.queue_id,
+            len(job.progress.failed),
+            bounce.queue_id,
+        )
+        self.enqueue(bounce, report)

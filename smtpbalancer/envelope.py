@@ -1,0 +1,43 @@
+"""Message identity and envelope: the words every subsystem shares.
+
+A queue id is time-ordered (sorts by arrival), unique across restarts, and safe
+as a file name: 12 hex digits of milliseconds, then 8 of a per-process random
+start plus a counter, uppercase, like Postfix's long queue ids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_QUEUE_ID = re.compile(r"^[0-9A-F]{20}$")
+
+
+def valid_queue_id(text: str) -> bool:
+    return bool(_QUEUE_ID.match(text))
+
+
+class QueueIds:
+    """Generator of time-ordered queue ids. Not thread-safe: call it from the loop."""
+
+    def __init__(self) -> None:
+        self._counter = int.from_bytes(os.urandom(4), "big")
+
+    def next(self, wall: float) -> str:
+        self._counter = (self._counter + 1) & 0xFFFFFFFF
+        return f"{int(wall * 1000) & 0xFFFFFFFFFFFF:012X}{self._counter:08X}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the client gave us in MAIL and RCPT. `mail_from` is "" for the null sender."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+    @property
+    def null_sender(self) -> bool:
+        return self.mail_from == ""

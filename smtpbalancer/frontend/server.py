@@ -1,0 +1,206 @@
+"""The SMTP listener: sessions, the connection limit, enhanced status codes, drain.
+
+aiosmtpd does the protocol; this module owns the socket and the session set.
+- A connection over `max_connections`, or any new connection while draining,
+  gets one 421 4.3.2 line and is closed (RFC 5321 §3.8).
+- Every reply aiosmtpd itself originates is given an RFC 3463 enhanced status
+  code (we advertise ENHANCEDSTATUSCODES), except the greeting, EHLO/HELO
+  lines, 354 and AUTH challenges, which RFC 2034 exempts.
+- Graceful stop: drain, then close each session as soon as it is between
+  transactions (421), and after the grace period abort whatever is left; a
+  client cut off mid-DATA never got a 250, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from smtpbalancer import replies
+from smtpbalancer.clock import Clock
+from smtpbalancer.config import ServerConfig
+from smtpbalancer.frontend.handler import Handler
+from smtpbalancer.replies import Reply
+
+log = logging.getLogger(__name__)
+
+_HAS_STATUS = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_DEFAULT_STATUS = {
+    221: "2.0.0", 250: "2.0.0", 251: "2.1.5", 252: "2.0.0",
+    421: "4.3.2", 450: "4.0.0", 451: "4.3.0", 452: "4.3.1",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3",
+    554: "5.0.0", 555: "5.5.4",
+}  # fmt: skip
+_OVERRIDES = {
+    "552 Error: message size exceeds fixed maximum message size": replies.TOO_BIG.line,
+    "552 Error: Too much mail data": replies.TOO_BIG.line,
+}
+_CACHE_LIMIT = 4096
+
+
+def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (memo)
+    """Insert the RFC 3463 status that goes with a bare reply code (cached: replies repeat)."""
+    done = cache.get(line)
+    if done is not None:
+        return done
+    out = _OVERRIDES.get(line, line)
+    if out is line and len(line) >= 3 and line[:3].isdigit() and not _HAS_STATUS.match(line):
+        code = int(line[:3])
+        status = _DEFAULT_STATUS.get(code) or (f"{line[0]}.0.0" if line[0] in "245" else "")
+        if status:
+            out = f"{line[:3]} {status}{line[3:]}"
+    if len(cache) < _CACHE_LIMIT:
+        cache[line] = out
+    return out
+
+
+class _Session(SMTP):
+    def __init__(self, handler: Handler, frontend: FrontEnd, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._frontend = frontend
+        self._plain_push = False
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._frontend.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._frontend.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        if (
+            isinstance(status, str)
+            and not self._plain_push
+            and status[:1] in "245"
+            and not status.startswith("220")
+        ):
+            status = with_enhanced_status(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        self._plain_push = True
+        try:
+            await super().smtp_EHLO(arg)
+        finally:
+            self._plain_push = False
+
+    async def smtp_HELO(self, arg: str) -> None:
+        self._plain_push = True
+        try:
+            await super().smtp_HELO(arg)
+        finally:
+            self._plain_push = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.in_data or (self.envelope is not None and self.envelope.mail_from is not None)
+
+    def goodbye(self, reply: Reply) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.line.encode() + b"\r\n")
+            transport.close()
+
+    def abort(self) -> None:
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+
+
+class _Refuser(asyncio.Protocol):
+    """Says one 421 line and hangs up: over the connection limit, or draining."""
+
+    def __init__(self, reply: Reply) -> None:
+        self._reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self._reply.line.encode() + b"\r\n")
+        transport.close()
+
+
+class FrontEnd:
+    def __init__(self, config: ServerConfig, handler: Handler, clock: Clock) -> None:
+        self._config = config
+        self._handler = handler
+        self._clock = clock
+        self.sessions: set[_Session] = set()
+        self._server: asyncio.Server | None = None
+        self._draining = False
+        self.refused_connections = 0
+
+    def __repr__(self) -> str:
+        state = "draining" if self._draining else "open"
+        return f"<FrontEnd {state} sessions={len(self.sessions)}/{self._config.max_connections}>"
+
+    async def start(self) -> tuple[str, int]:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, host=self._config.host, port=self._config.port, backlog=1024
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        if self._draining:
+            self.refused_connections += 1
+            return _Refuser(replies.SHUTTING_DOWN)
+        if len(self.sessions) >= self._config.max_connections:
+            self.refused_connections += 1
+            return _Refuser(replies.TOO_MANY_CONNECTIONS)
+        cfg = self._config
+        return _Session(
+            self._handler,
+            self,
+            hostname=cfg.hostname,
+            ident="ESMTP smtpbalancer",
+            data_size_limit=cfg.max_message_size_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=cfg.idle_timeout_s,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain: refuse new sessions, let transactions finish within grace_s, then close."""
+        self._draining = True
+        deadline = self._clock.monotonic() + grace_s
+        while self.sessions:
+            for session in list(self.sessions):
+                if not session.in_transaction:
+                    session.goodbye(replies.SHUTTING_DOWN)
+            busy = [s for s in self.sessions if s.in_transaction]
+            if not busy and not self.sessions:
+                break
+            if self._clock.monotonic() >= deadline:
+                log.warning("smtp.drain_timeout aborting=%d sessions", len(self.sessions))
+                for session in list(self.sessions):
+                    session.abort()
+                break
+            if busy:
+                log.debug("smtp.draining sessions_in_transaction=%d", len(busy))
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+# Our overrides must keep aiosmtpd's per-command metadata (HELP text, syntax).
+for _name in ("smtp_EHLO", "smtp_HELO", "smtp_DATA"):
+    getattr(_Session, _name).__dict__.update(getattr(SMTP, _name).__dict__)

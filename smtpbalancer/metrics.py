@@ -1,0 +1,94 @@
+"""Every Prometheus metric, defined once.
+
+Children are bound once per upstream (`UpstreamMetrics`); the hot path calls
+only `.inc()`/`.observe()`. Labels are bounded: upstream name and outcome,
+never sender, recipient or domain. `_created` series are off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MESSAGES_RECEIVED = Counter(
+    "smtpbalancer_messages_received", "Messages accepted (250) and spooled durably."
+)
+MESSAGES_DELIVERED = Counter(
+    "smtpbalancer_messages_delivered",
+    "Messages with at least one recipient accepted by an upstream, per upstream.",
+    ["upstream"],
+)
+MESSAGES_DEFERRED = Counter(
+    "smtpbalancer_messages_deferred",
+    "Delivery attempts that left recipients to retry, per upstream.",
+    ["upstream"],
+)
+MESSAGES_BOUNCED = Counter(
+    "smtpbalancer_messages_bounced", "Messages with failed recipients for which a DSN was queued."
+)
+DELIVERY_ATTEMPTS = Counter(
+    "smtpbalancer_delivery_attempts",
+    "Upstream transactions by outcome.",
+    ["upstream", "outcome"],
+)
+DELIVERY_SECONDS = Histogram(
+    "smtpbalancer_delivery_duration_seconds",
+    "Time for one upstream transaction (lease + MAIL..DATA).",
+    ["upstream"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_MESSAGES = Gauge("smtpbalancer_queue_messages", "Messages in the spool.")
+QUEUE_BYTES = Gauge("smtpbalancer_queue_bytes", "Body bytes in the spool.")
+SESSIONS_ACTIVE = Gauge("smtpbalancer_sessions_active", "Open client SMTP sessions.")
+UPSTREAM_CONNECTIONS = Gauge(
+    "smtpbalancer_upstream_connections", "Open connections to an upstream.", ["upstream"]
+)
+UPSTREAM_CIRCUIT_STATE = Gauge(
+    "smtpbalancer_upstream_circuit_state",
+    "1 for the breaker's current state, 0 for the others.",
+    ["upstream", "state"],
+)
+SPOOL_WRITE_ERRORS = Counter(
+    "smtpbalancer_spool_write_errors", "Spool writes or fsyncs that failed (answered 451)."
+)
+
+
+class UpstreamMetrics:
+    """Children bound once per upstream; the hot path calls .inc()/.observe() only."""
+
+    __slots__ = ("attempt_broken", "attempt_ok", "deferred", "delivered", "failed", "seconds")
+
+    def __init__(self, upstream: str) -> None:
+        self.delivered = MESSAGES_DELIVERED.labels(upstream)
+        self.deferred = MESSAGES_DEFERRED.labels(upstream)
+        self.attempt_ok = DELIVERY_ATTEMPTS.labels(upstream, "answered")
+        self.attempt_broken = DELIVERY_ATTEMPTS.labels(upstream, "session_failed")
+        self.failed = DELIVERY_ATTEMPTS.labels(upstream, "rejected")
+        self.seconds = DELIVERY_SECONDS.labels(upstream)
+
+
+def bind_gauges(
+    queue_messages: Callable[[], float],
+    queue_bytes: Callable[[], float],
+    sessions: Callable[[], float],
+) -> None:
+    QUEUE_MESSAGES.set_function(queue_messages)
+    QUEUE_BYTES.set_function(queue_bytes)
+    SESSIONS_ACTIVE.set_function(sessions)
+
+
+def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:
+    for s in states:
+        UPSTREAM_CIRCUIT_STATE.labels(upstream, s).set(1.0 if s == state else 0.0)
+
+
+def serve(host: str, port: int) -> tuple[WSGIServer, Thread]:
+    """Start the /metrics HTTP listener in a daemon thread; returns it for shutdown."""
+    server, thread = prometheus_client.start_http_server(port, addr=host)
+    return server, thread

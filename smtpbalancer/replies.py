@@ -1,0 +1,103 @@
+"""SMTP replies: the ones we send, and what upstreams answer us.
+
+Every reply the proxy originates is a constant here, with an RFC 3463 enhanced
+status code and a bland, peer-safe text. `SendResult` is the vocabulary the
+upstream connection reports in, so that delivery policy stays free of aiosmtplib.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str  # RFC 3463 enhanced status, e.g. "4.3.1"; "" when the peer gave none
+    text: str
+    line: str = field(init=False, repr=False, compare=False)  # the wire form, computed once
+
+    def __post_init__(self) -> None:
+        parts = [str(self.code)]
+        if self.status:
+            parts.append(self.status)
+        if self.text:
+            parts.append(self.text)
+        object.__setattr__(self, "line", " ".join(parts))
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def effective_status(self) -> str:
+        """The enhanced status, or the RFC 3463 generic one for the code's class."""
+        if self.status:
+            return self.status
+        return f"{str(self.code)[0]}.0.0"
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        """Build a Reply from an upstream's code and (possibly multi-line) text."""
+        text = " ".join(message.split())  # folds CR/LF and continuation lines
+        found = _STATUS.match(text)
+        if found:
+            return cls(code, found.group(0), text[found.end() :].strip())
+        return cls(code, "", text)
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The outcome of one upstream transaction that the upstream answered.
+
+    refused: per-recipient RCPT refusals; a recipient absent here was accepted at RCPT.
+    final: the MAIL refusal if MAIL failed, else the DATA reply (or the RCPT-stage
+           summary when every recipient was refused and DATA was never sent).
+    queue_id: the upstream's own queue id, when its 250 said "queued as X".
+    """
+
+    refused: Mapping[str, Reply]
+    final: Reply
+    queue_id: str = ""
+
+
+# --- replies the proxy sends -------------------------------------------------
+OK: Final = Reply(250, "2.0.0", "OK")
+OK_SENDER: Final = Reply(250, "2.1.0", "Sender OK")
+OK_RECIPIENT: Final = Reply(250, "2.1.5", "Recipient OK")
+BYE: Final = Reply(221, "2.0.0", "Bye")
+SHUTTING_DOWN: Final = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_CONNECTIONS: Final = Reply(421, "4.3.2", "Too many connections, try again later")
+SPOOL_WRITE_FAILED: Final = Reply(451, "4.3.0", "Queue write error, try again later")
+TOO_MANY_RECIPIENTS: Final = Reply(452, "4.5.3", "Too many recipients")
+RELAY_DENIED: Final = Reply(554, "5.7.1", "Relay access denied")
+TOO_BIG: Final = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BAD_ADDRESS: Final = Reply(501, "5.1.7", "Bad address syntax")
+BAD_SYNTAX: Final = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+
+
+def queued(queue_id: str) -> str:
+    """The DATA reply: the queue id is the last token (Postfix shape, parsed by ESPs)."""
+    return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+_QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._@<>-]+)", re.IGNORECASE)
+
+
+def upstream_queue_id(text: str) -> str:
+    """The upstream's queue id from a 250 reply ("... queued as 8BDCA22DA71"), or ""."""
+    found = _QUEUED_AS.search(text)
+    return found.group(1) if found else ""

@@ -1,0 +1,136 @@
+"""One SMTP client session to an upstream relay: the only aiosmtplib user.
+
+Translates at the boundary (STYLE §7): a refusal at MAIL, RCPT or DATA is the
+upstream answering about this message and comes back inside a SendResult
+(including the case where every recipient is refused). Only a broken session
+raises UpstreamError: connect failure, bad greeting, timeout, disconnect, or a
+421 at any step (RFC 5321 §3.8: the server is closing the channel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import aiosmtplib
+
+from smtpbalancer.errors import UpstreamError
+from smtpbalancer.replies import Reply, SendResult, upstream_queue_id
+
+_ALL_REFUSED = Reply(554, "5.5.0", "all recipients refused")
+
+
+class UpstreamConnection:
+    def __init__(
+        self, name: str, host: str, port: int, *, local_hostname: str, timeout_s: float
+    ) -> None:
+        self.name = name
+        self._smtp = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            timeout=timeout_s,
+            start_tls=False,
+            local_hostname=local_hostname,
+        )
+        self.messages = 0  # transactions attempted on this connection
+        self.broken = False
+        self.idle_since = 0.0
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.name} messages={self.messages} broken={self.broken}>"
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and self._smtp.is_connected
+
+    async def open(self) -> None:
+        try:
+            await self._smtp.connect()
+            try:
+                await self._smtp.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await self._smtp.helo()
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail()
+            raise UpstreamError(self.name, "greeting", exc.message, exc.code) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            self._fail()
+            raise UpstreamError(self.name, "connect", _describe(exc)) from None
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        body: bytes,
+        *,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
+    ) -> SendResult:
+        """Run one transaction. Raises UpstreamError if the session breaks."""
+        self.messages += 1
+        smtp = self._smtp
+        encoding = "utf-8" if smtputf8 else "ascii"
+        options = []
+        if body_8bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if smtputf8 and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+        stage = "mail"
+        try:
+            try:
+                await smtp.mail(mail_from, options=options, encoding=encoding)
+            except aiosmtplib.SMTPSenderRefused as exc:
+                self._check_421(exc, stage)
+                await smtp.rset()
+                return SendResult(refused={}, final=Reply.parse(exc.code, exc.message))
+            stage = "rcpt"
+            refused: dict[str, Reply] = {}
+            for rcpt in rcpts:
+                try:
+                    await smtp.rcpt(rcpt, encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    self._check_421(exc, stage)
+                    refused[rcpt] = Reply.parse(exc.code, exc.message)
+            if len(refused) == len(rcpts):
+                await smtp.rset()  # RFC 5321 §3.3: no DATA without an accepted recipient
+                return SendResult(refused=refused, final=_ALL_REFUSED)
+            stage = "data"
+            try:
+                response = await smtp.data(body)
+            except aiosmtplib.SMTPDataError as exc:
+                self._check_421(exc, stage)
+                await smtp.rset()
+                return SendResult(refused=refused, final=Reply.parse(exc.code, exc.message))
+        except UpstreamError:
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail()
+            raise UpstreamError(self.name, stage, exc.message, exc.code) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            self._fail()
+            raise UpstreamError(self.name, stage, _describe(exc)) from None
+        final = Reply.parse(response.code, response.message)
+        return SendResult(refused=refused, final=final, queue_id=upstream_queue_id(final.text))
+
+    def _check_421(self, exc: aiosmtplib.SMTPResponseException, stage: str) -> None:
+        if exc.code == 421:
+            self._fail()
+            raise UpstreamError(self.name, stage, exc.message, exc.code)
+
+    def _fail(self) -> None:
+        self.broken = True
+        self._smtp.close()
+
+    async def close(self) -> None:
+        """QUIT politely if the session is healthy; never raises."""
+        if self.usable:
+            with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+                await asyncio.wait_for(self._smtp.quit(), timeout=2.0)
+        self._smtp.close()
+        self.broken = True
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:200]

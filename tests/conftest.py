@@ -1,0 +1,26 @@
+"""Shared fixtures: sinks on ephemeral loopback ports, cleaned up after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from smtpbalancer.sink import Sink
+
+
+@pytest.fixture
+async def sinks() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `await sinks(name, **options)` starts a Sink on 127.0.0.1:0."""
+    started: list[Sink] = []
+
+    async def start(name: str = "sink", **options: Any) -> Sink:
+        sink = Sink(name=name, keep=True, **options)
+        await sink.start()
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        await sink.stop()

@@ -1,0 +1,1 @@
+"""Test support: config builders, SMTP client helpers, waiting, subprocess proxies."""
