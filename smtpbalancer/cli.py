@@ -24,7 +24,9 @@ log = logging.getLogger("smtpbalancer")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpbalancer", description=__doc__.splitlines()[0])
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default INFO; demo WARNING)"
+    )
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -52,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    default_level = "WARNING" if args.command == "demo" else "INFO"
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level or default_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )

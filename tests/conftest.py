@@ -24,3 +24,21 @@ async def sinks() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for sink in started:
         await sink.stop()
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `await proxies(config_path)` runs `smtpbalancer serve`; killed at teardown."""
+    from support.proxy import ProxyProcess
+
+    started: list[ProxyProcess] = []
+
+    async def start(config_path: Any) -> ProxyProcess:
+        proc = ProxyProcess(config_path)
+        started.append(proc)
+        await proc.start()
+        return proc
+
+    yield start
+    for proc in started:
+        await proc.kill()

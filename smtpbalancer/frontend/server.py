@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -112,14 +112,12 @@ class _Session(SMTP):
         return self.in_data or (self.envelope is not None and self.envelope.mail_from is not None)
 
     def goodbye(self, reply: Reply) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(reply.line.encode() + b"\r\n")
-            transport.close()
+        if self.transport is not None and not self.transport.is_closing():
+            _say_and_close(self.transport, reply)
 
     def abort(self) -> None:
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.abort()
+        if self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).abort()
 
 
 class _Refuser(asyncio.Protocol):
@@ -129,9 +127,14 @@ class _Refuser(asyncio.Protocol):
         self._reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self._reply.line.encode() + b"\r\n")
-        transport.close()
+        _say_and_close(transport, self._reply)
+
+
+def _say_and_close(transport: asyncio.BaseTransport, reply: Reply) -> None:
+    # uvloop's transports are not asyncio.WriteTransport subclasses: cast, don't isinstance.
+    writer = cast(asyncio.WriteTransport, transport)
+    writer.write(reply.line.encode() + b"\r\n")
+    writer.close()
 
 
 class FrontEnd:
