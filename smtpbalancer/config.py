@@ -11,6 +11,7 @@ Sizes: an integer of bytes or "100KB", "50MB", "1GiB" (KB/MB/GB are powers of
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 import tomllib
@@ -125,8 +126,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(
             f"expected a duration like '250ms', '30s', '15m', '2h', '5d', got {value!r}"
         )
-    if seconds < 0:
-        raise ValueError("must be >= 0")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite number >= 0")
     return seconds
 
 
@@ -387,7 +388,7 @@ def _breaker(keys: _Keys) -> BreakerConfig:
 
 
 def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
-    if raw is None:
+    if raw is None or raw == []:
         problems.append("upstream: at least one [[upstream]] is required")
         return ()
     if not isinstance(raw, list):

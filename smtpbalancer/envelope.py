@@ -11,18 +11,20 @@ import os
 import re
 from dataclasses import dataclass
 
-_QUEUE_ID = re.compile(r"^[0-9A-F]{20}$")
+_QUEUE_ID = re.compile(r"[0-9A-F]{20}")
 
 
 def valid_queue_id(text: str) -> bool:
-    return bool(_QUEUE_ID.match(text))
+    return _QUEUE_ID.fullmatch(text) is not None
 
 
 class QueueIds:
     """Generator of time-ordered queue ids. Not thread-safe: call it from the loop."""
 
     def __init__(self) -> None:
-        self._counter = int.from_bytes(os.urandom(4), "big")
+        # Start in the lower half: the counter cannot wrap (and break ordering within one
+        # millisecond) before 2**31 ids.
+        self._counter = int.from_bytes(os.urandom(4), "big") >> 1
 
     def next(self, wall: float) -> str:
         self._counter = (self._counter + 1) & 0xFFFFFFFF

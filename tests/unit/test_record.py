@@ -1,0 +1,222 @@
+"""Specification of the spool record formats: exact roundtrips, and SpoolCorrupt on any doubt."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import pytest
+
+from smtpbalancer.envelope import Envelope
+from smtpbalancer.errors import SpoolCorrupt
+from smtpbalancer.spool.record import (
+    Failure,
+    MessageMeta,
+    Progress,
+    check_body,
+    decode_message_head,
+    decode_progress,
+    encode_message,
+    encode_progress,
+    head_size,
+)
+
+QID = "0197A1B2C3D4E5F60718"
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def meta_for(envelope: Envelope, queue_id: str = QID) -> MessageMeta:
+    return MessageMeta(queue_id, envelope, received_wall=1_750_000_000.25, body_size=0, client="c")
+
+
+ENVELOPES = [
+    Envelope("alice@example.test", ("bob@example.net",)),
+    Envelope("", ("postmaster@example.net", "b@example.net")),  # null sender (a bounce)
+    Envelope("jörg@bücher.example", ("用户@例子.广告", "b@example.net"), smtputf8=True),
+    Envelope("a@example.test", ("b@example.net",), body_8bit=True),
+]
+
+
+@pytest.mark.parametrize("envelope", ENVELOPES)
+@pytest.mark.parametrize("body", [BODY, b"", bytes(range(256)) * 10])
+def test_message_roundtrip(envelope: Envelope, body: bytes) -> None:
+    prefix, body_crc = encode_message(meta_for(envelope), body)
+    layout = decode_message_head(QID, prefix + body)
+    assert layout.meta == MessageMeta(
+        QID,
+        envelope,
+        received_wall=1_750_000_000.25,
+        body_size=len(body),
+        client="c",
+        body_crc=body_crc,
+    )
+    assert body_crc == zlib.crc32(body)
+    assert layout.body_offset == len(prefix)
+    assert layout.file_size == len(prefix) + len(body)
+    assert head_size(QID, prefix) == len(prefix)
+    check_body(QID, layout.meta, body)  # does not raise
+
+
+def test_the_head_alone_decodes() -> None:
+    prefix, _ = encode_message(meta_for(ENVELOPES[0]), BODY)
+    assert decode_message_head(QID, prefix).meta.body_size == len(BODY)
+
+
+def test_header_line_format() -> None:
+    prefix, _ = encode_message(meta_for(ENVELOPES[0]), BODY)
+    line, meta = prefix.split(b"\n", 1)
+    assert line == b"SMTPB1 %d %d %08x %08x" % (
+        len(meta),
+        len(BODY),
+        zlib.crc32(meta),
+        zlib.crc32(BODY),
+    )
+
+
+def good_file() -> bytes:
+    prefix, _ = encode_message(meta_for(ENVELOPES[2]), BODY)
+    return prefix + BODY
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+def meta_start(data: bytes) -> int:
+    return data.index(b"\n") + 1
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "why"),
+    [
+        (lambda d: b"", "no header line"),
+        (lambda d: d.replace(b"\n", b" ", 1), "no header line"),
+        (lambda d: b"garbage\n" + d, "bad header line"),
+        (lambda d: b"SMTPB2" + d[6:], "bad header line"),
+        (lambda d: d.replace(b"SMTPB1 ", b"SMTPB1  ", 1), "bad header line"),
+        (lambda d: b"SMTPB1 x" + d[d.index(b" ", 7) :], "bad header numbers"),
+        (lambda d: d[: meta_start(d) + 5], "truncated metadata"),
+        (lambda d: flip(d, meta_start(d) + 3), "metadata checksum mismatch"),
+        (lambda d: flip(d, d.index(b"\n") - 12), "metadata checksum mismatch"),  # meta crc digit
+    ],
+)
+def test_corrupt_heads_are_refused(corrupt: Callable[[bytes], bytes], why: str) -> None:
+    with pytest.raises(SpoolCorrupt) as caught:
+        decode_message_head(QID, corrupt(good_file()))
+    assert (caught.value.name, caught.value.why) == (QID, why)
+
+
+def forged(doc: bytes) -> bytes:
+    """A file whose metadata checksum is right but whose metadata is wrong."""
+    return b"SMTPB1 %d 0 %08x %08x\n" % (len(doc), zlib.crc32(doc), zlib.crc32(b"")) + doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "why"),
+    [
+        (b"not json", "bad metadata"),
+        (b"[]", "bad metadata"),
+        (b'{"id":"%s","rcpts":["b@x"],"received":1}' % QID.encode(), "bad metadata"),
+        (b'{"id":"%s","from":"","rcpts":["b@x"],"received":"x"}' % QID.encode(), "bad metadata"),
+        (b'{"id":"%s","from":"","rcpts":[],"received":1}' % QID.encode(), "metadata does not"),
+        (b"\xff\xfe", "bad metadata"),
+    ],
+)
+def test_checksummed_but_invalid_metadata_is_refused(doc: bytes, why: str) -> None:
+    with pytest.raises(SpoolCorrupt) as caught:
+        decode_message_head(QID, forged(doc))
+    assert caught.value.why.startswith(why)
+
+
+def test_metadata_queue_id_must_match_the_file_name() -> None:
+    other = "0197A1B2C3D4E5F60719"
+    with pytest.raises(SpoolCorrupt) as caught:
+        decode_message_head(other, good_file())
+    assert (caught.value.name, caught.value.why) == (other, "metadata does not match the file")
+
+
+def test_head_size_refuses_a_bad_header() -> None:
+    with pytest.raises(SpoolCorrupt, match="bad header line"):
+        head_size(QID, b"SMTPB2 1 2 3 4\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (BODY[:-1], "truncated body"),
+        (BODY + b"x", "truncated body"),
+        (b"", "truncated body"),
+        (flip(BODY, 4), "body checksum mismatch"),
+    ],
+)
+def test_damaged_bodies_are_refused(body: bytes, why: str) -> None:
+    layout = decode_message_head(QID, good_file())
+    with pytest.raises(SpoolCorrupt) as caught:
+        check_body(QID, layout.meta, body)
+    assert caught.value.why == why
+
+
+# --- progress -------------------------------------------------------------------------
+
+PROGRESS = Progress(
+    delivered=frozenset({"a@example.net", "ü@例子.广告"}),
+    failed={
+        "b@example.net": Failure("5.1.1", "550 5.1.1 User unknown", "mx.example.net", 1.5),
+        "c@example.net": Failure("4.4.7", ""),
+    },
+    attempts=3,
+)
+
+
+@pytest.mark.parametrize("progress", [PROGRESS, Progress()])
+def test_progress_roundtrip(progress: Progress) -> None:
+    assert decode_progress("P", encode_progress(progress)) == progress
+
+
+def test_progress_format() -> None:
+    data = encode_progress(Progress(delivered=frozenset({"b", "a"}), attempts=1))
+    payload = b'{"delivered":["a","b"],"failed":{},"attempts":1}'
+    assert data == b"SMTPS1 %08x\n" % zlib.crc32(payload) + payload
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "why"),
+    [
+        (lambda d: b"", "bad progress header"),
+        (lambda d: d.replace(b"\n", b" "), "bad progress header"),
+        (lambda d: b"SMTPS2" + d[6:], "bad progress header"),
+        (lambda d: d[:-1], "progress checksum mismatch"),
+        (lambda d: flip(d, len(d) - 5), "progress checksum mismatch"),
+        (lambda d: flip(d, 8), "progress checksum mismatch"),
+        (lambda d: d.replace(b"SMTPS1 ", b"SMTPS1 zz", 1), "bad progress data"),
+    ],
+)
+def test_corrupt_progress_is_refused(corrupt: Callable[[bytes], bytes], why: str) -> None:
+    with pytest.raises(SpoolCorrupt) as caught:
+        decode_progress("P", corrupt(encode_progress(PROGRESS)))
+    assert (caught.value.name, caught.value.why) == ("P", why)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b"{}", b'{"delivered":[],"failed":{"x":["5.0.0"]},"attempts":0}', b"[]"],
+)
+def test_checksummed_but_invalid_progress_is_refused(payload: bytes) -> None:
+    data = b"SMTPS1 %08x\n" % zlib.crc32(payload) + payload
+    with pytest.raises(SpoolCorrupt, match="bad progress data"):
+        decode_progress("P", data)
+
+
+@pytest.mark.parametrize(
+    ("rcpts", "pending"),
+    [
+        (("a@example.net", "b@example.net", "c@example.net", "d@example.net"), ("d@example.net",)),
+        (("d@example.net", "e@example.net"), ("d@example.net", "e@example.net")),
+        (("a@example.net", "b@example.net"), ()),
+        ((), ()),
+    ],
+)
+def test_pending_is_neither_delivered_nor_failed_in_order(
+    rcpts: tuple[str, ...], pending: tuple[str, ...]
+) -> None:
+    assert PROGRESS.pending(rcpts) == pending
