@@ -33,8 +33,8 @@ async def proxies() -> AsyncIterator[Callable[..., Any]]:
 
     started: list[ProxyProcess] = []
 
-    async def start(config_path: Any) -> ProxyProcess:
-        proc = ProxyProcess(config_path)
+    async def start(config_path: Any, preexec_fn: Any = None) -> ProxyProcess:
+        proc = ProxyProcess(config_path, preexec_fn)
         started.append(proc)
         await proc.start()
         return proc

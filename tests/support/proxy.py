@@ -70,8 +70,9 @@ _READY = re.compile(r"smtpbalancer\.ready smtp=([\d.]+):(\d+)")
 class ProxyProcess:
     """`smtpbalancer serve` as a real subprocess; stderr is collected for assertions."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, preexec_fn: Any = None) -> None:
         self.config_path = config_path
+        self.preexec_fn = preexec_fn
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.stderr_lines: list[str] = []
@@ -85,6 +86,7 @@ class ProxyProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            preexec_fn=self.preexec_fn,
         )  # fmt: skip
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))

@@ -1,0 +1,84 @@
+"""Disk faults: corrupt and half-written spool entries, and a write that fails.
+
+Correct behaviour (REFERENCE D2, D5, D6): start anyway; quarantine what fails
+validation, delete unfinished temp files, deliver the valid entries, never
+deliver garbage; a failed write answers 451 4.3.0, never 250.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from support.mail import make_message, message_id_of, send_mail
+from support.proxy import config_mapping, make_config, to_toml
+from support.waiting import wait_until
+
+from smtpbalancer.app import App
+
+
+async def test_corrupt_and_unfinished_entries_are_set_aside_and_the_rest_delivered(
+    tmp_path: Path, sinks
+) -> None:
+    relay = await sinks("relay", rcpt_rule=lambda r: "451 4.3.0 closed for now")
+    spool = tmp_path / "spool"
+    cfg = make_config(spool, [("relay", relay.address, 1)])
+    sent = []
+    async with App(cfg) as app:
+        for _ in range(3):
+            msg_id, body = make_message(size=2000)
+            await send_mail(app.smtp_address[1], body)
+            sent.append(msg_id)
+    queue = spool / "queue"
+    names = sorted(p.name for p in queue.iterdir())
+    assert len(names) == 3
+    # One entry truncated at 50%, one garbage file with a valid-looking name, one temp leftover.
+    truncated = queue / names[0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (queue / "0123456789ABCDEF0123").write_bytes(b"garbage\n" * 100)
+    (queue / ".tmp-0123456789ABCDEF9999").write_bytes(b"SMTPB1 half written")
+
+    await relay.stop()
+    good = await sinks("good")
+    await good.stop()
+    await good.start(*relay.address)
+    async with App(cfg) as app:
+        assert app.recovered == 2
+        await wait_until(lambda: good.messages == 2)
+        await wait_until(lambda: app.store.messages == 0)
+
+    delivered = sorted(message_id_of(m.data) for m in good.received)
+    assert delivered == sorted(sent[1:])
+    assert sorted(p.name for p in (spool / "quarantine").iterdir()) == sorted(
+        [names[0], "0123456789ABCDEF0123"]
+    )
+    assert list(queue.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux-specific")
+async def test_a_failed_spool_write_is_451_never_250(tmp_path: Path, sinks, proxies) -> None:
+    relay = await sinks("relay")
+    cfg_path = tmp_path / "proxy.toml"
+    cfg_path.write_text(to_toml(config_mapping(tmp_path / "spool", [("relay", relay.address, 1)])))
+
+    def limit_file_size() -> None:  # runs in the child before exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proxy = await proxies(cfg_path, preexec_fn=limit_file_size)
+    _, big = make_message(size=200 * 1024)
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send_mail(proxy.port, big)
+    assert (refused.value.code, refused.value.message[:5]) == (451, "4.3.0")
+
+    small_id, small = make_message(size=1024)
+    errors, reply = await send_mail(proxy.port, small)
+    assert errors == {} and "queued as" in reply
+    await wait_until(lambda: relay.messages == 1)
+    assert message_id_of(relay.received[0].data) == small_id
+    assert "smtp.spool_failed" in proxy.log()
+    assert not [p for p in (tmp_path / "spool" / "queue").iterdir() if p.name.startswith(".tmp")]
+    shutil.rmtree(tmp_path / "spool")
