@@ -83,6 +83,10 @@ def bind_gauges(
     SESSIONS_ACTIVE.set_function(sessions)
 
 
+def bind_connections_gauge(upstream: str, size: Callable[[], float]) -> None:
+    UPSTREAM_CONNECTIONS.labels(upstream).set_function(size)
+
+
 def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:
     for s in states:
         UPSTREAM_CIRCUIT_STATE.labels(upstream, s).set(1.0 if s == state else 0.0)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from smtpbalancer.clock import Clock
 from smtpbalancer.config import BreakerConfig, UpstreamConfig
 from smtpbalancer.errors import UpstreamError
-from smtpbalancer.metrics import UpstreamMetrics, set_breaker_state
+from smtpbalancer.metrics import UpstreamMetrics, bind_connections_gauge, set_breaker_state
 from smtpbalancer.replies import SendResult
 from smtpbalancer.upstream.breaker import Breaker, BreakerPolicy, BreakerState, Transition
 from smtpbalancer.upstream.connection import UpstreamConnection
@@ -56,6 +56,7 @@ class Upstream:
             max_messages=config.max_messages_per_connection,
         )
         set_breaker_state(self.name, BreakerState.CLOSED.value, _STATES)
+        bind_connections_gauge(self.name, lambda: float(self.pool.size))
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} weight={self.config.weight} {self.breaker!r} {self.pool!r}>"
