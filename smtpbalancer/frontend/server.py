@@ -41,6 +41,12 @@ _OVERRIDES = {
     "552 Error: Too much mail data": replies.TOO_BIG.line,
 }
 _CACHE_LIMIT = 4096
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# The common case, <dot-atom@host.name> and parameters: parsed without aiosmtpd's
+# email header parser, which costs about a fifth of the proxy's CPU per message.
+_SIMPLE_ADDRESS = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(.*)\Z", re.S
+)
 
 
 def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (memo)
@@ -85,6 +91,13 @@ class _Session(SMTP):
         ):
             status = with_enhanced_status(status)
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        found = _SIMPLE_ADDRESS.match(arg) if arg else None
+        if found is not None:
+            return found.group(1), found.group(2)
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     async def smtp_EHLO(self, arg: str) -> None:
         self._plain_push = True

@@ -29,7 +29,7 @@ from typing import Any
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.envelope import Envelope, QueueIds
-from smtpbalancer.errors import SpoolCorrupt, SpoolError
+from smtpbalancer.errors import SpoolError
 from smtpbalancer.spool import record
 from smtpbalancer.spool.record import MessageMeta, Progress
 from smtpbalancer.tasks import spawn
@@ -118,6 +118,9 @@ class SpoolStore:
         self._clock = clock
         self._ids = QueueIds()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        # Removals get their own thread: queued behind fsyncs they would lag, and every
+        # delivered-but-not-yet-removed message is a duplicate after a crash.
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-rm")
         self._dirsync = DirSync(self.queue_dir, self._in_thread)
         self._lock_fd: int | None = None
         self.messages = 0
@@ -138,11 +141,14 @@ class SpoolStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise SpoolError(f"lock spool {self.directory} (another instance?)", errno.EBUSY)
+            raise SpoolError(
+                f"lock spool {self.directory} (another instance?)", errno.EBUSY
+            ) from None
         self._lock_fd = fd
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -189,7 +195,9 @@ class SpoolStore:
 
     async def remove(self, meta: MessageMeta) -> None:
         """Forget a finished message. A lost unlink after a crash means redelivery (dup-ok)."""
-        await self._in_thread(_unlink_pair, self.queue_dir, meta.queue_id)
+        await asyncio.get_running_loop().run_in_executor(
+            self._remover, _unlink_pair, self.queue_dir, meta.queue_id
+        )
         self.messages -= 1
         self.bytes -= meta.body_size
 

@@ -19,6 +19,16 @@ from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import Reply, SendResult, upstream_queue_id
 
 _ALL_REFUSED = Reply(554, "5.5.0", "all recipients refused")
+# RFC 6531 §3.5: a non-ASCII address without SMTPUTF8 cannot be relayed.
+_NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address requires SMTPUTF8")
+
+
+def _path(address: str, encoding: str) -> bytes | None:
+    """`<address>` as bytes for MAIL/RCPT, or None if it cannot be encoded."""
+    try:
+        return b"<" + address.encode(encoding) + b">"
+    except UnicodeEncodeError:
+        return None
 
 
 class UpstreamConnection:
@@ -67,31 +77,40 @@ class UpstreamConnection:
         smtputf8: bool = False,
         body_8bit: bool = False,
     ) -> SendResult:
-        """Run one transaction. Raises UpstreamError if the session breaks."""
+        """Run one transaction. Raises UpstreamError if the session breaks.
+
+        MAIL and RCPT go through `execute_command` with addresses we already
+        validated at the front end (no control characters), which spares
+        aiosmtplib's per-command address re-parsing.
+        """
         self.messages += 1
         smtp = self._smtp
         encoding = "utf-8" if smtputf8 else "ascii"
         options = []
         if body_8bit and smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
+            options.append(b"BODY=8BITMIME")
         if smtputf8 and smtp.supports_extension("smtputf8"):
-            options.append("SMTPUTF8")
+            options.append(b"SMTPUTF8")
         stage = "mail"
         try:
-            try:
-                await smtp.mail(mail_from, options=options, encoding=encoding)
-            except aiosmtplib.SMTPSenderRefused as exc:
-                self._check_421(exc, stage)
+            sender = _path(mail_from, encoding)
+            if sender is None:
+                return SendResult(refused={}, final=_NEEDS_SMTPUTF8)
+            reply = await self._command(stage, b"MAIL", b"FROM:" + sender, *options)
+            if reply.code != 250:
                 await smtp.rset()
-                return SendResult(refused={}, final=Reply.parse(exc.code, exc.message))
+                return SendResult(refused={}, final=reply)
             stage = "rcpt"
             refused: dict[str, Reply] = {}
             for rcpt in rcpts:
-                try:
-                    await smtp.rcpt(rcpt, encoding=encoding)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    self._check_421(exc, stage)
-                    refused[rcpt] = Reply.parse(exc.code, exc.message)
+                path = _path(rcpt, encoding)
+                reply = (
+                    _NEEDS_SMTPUTF8
+                    if path is None
+                    else await self._command(stage, b"RCPT", b"TO:" + path)
+                )
+                if reply.code not in (250, 251):
+                    refused[rcpt] = reply
             if len(refused) == len(rcpts):
                 await smtp.rset()  # RFC 5321 §3.3: no DATA without an accepted recipient
                 return SendResult(refused=refused, final=_ALL_REFUSED)
@@ -99,7 +118,7 @@ class UpstreamConnection:
             try:
                 response = await smtp.data(body)
             except aiosmtplib.SMTPDataError as exc:
-                self._check_421(exc, stage)
+                self._check_421(exc.code, exc.message, stage)
                 await smtp.rset()
                 return SendResult(refused=refused, final=Reply.parse(exc.code, exc.message))
         except UpstreamError:
@@ -113,10 +132,15 @@ class UpstreamConnection:
         final = Reply.parse(response.code, response.message)
         return SendResult(refused=refused, final=final, queue_id=upstream_queue_id(final.text))
 
-    def _check_421(self, exc: aiosmtplib.SMTPResponseException, stage: str) -> None:
-        if exc.code == 421:
+    async def _command(self, stage: str, *args: bytes) -> Reply:
+        response = await self._smtp.execute_command(*args)
+        self._check_421(response.code, response.message, stage)
+        return Reply.parse(response.code, response.message)
+
+    def _check_421(self, code: int, message: str, stage: str) -> None:
+        if code == 421:
             self._fail()
-            raise UpstreamError(self.name, stage, exc.message, exc.code)
+            raise UpstreamError(self.name, stage, message, code)
 
     def _fail(self) -> None:
         self.broken = True

