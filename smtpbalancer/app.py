@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from types import TracebackType
 
 from smtpbalancer import metrics
@@ -130,7 +131,7 @@ class App:
             self.metrics_address = (self.config.metrics.host, server.server_port)
         self.smtp_address = await self.frontend.start()
         log.info(
-            "smtpbalancer.ready smtp=%s:%d metrics=%s spool=%s upstreams=%d recovered=%d",
+            "smtpbalancer.ready smtp=%s:%d metrics=%s spool=%s upstreams=%d recovered=%d pid=%d",
             *self.smtp_address,
             f"{self.metrics_address[0]}:{self.metrics_address[1]}"
             if self.metrics_address
@@ -138,6 +139,7 @@ class App:
             self.config.spool.directory,
             len(self.config.upstreams),
             self.recovered,
+            os.getpid(),
         )
 
     def request_stop(self) -> None:
