@@ -188,6 +188,10 @@ class Dispatcher:
             await work
         except asyncio.CancelledError:
             raise
+        except SpoolError as exc:  # e.g. the DSN could not be spooled: try again later
+            log.error("delivery.spool_error queue_id=%s error=%s", job.queue_id, exc)
+            self._drop_hot(job)
+            self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
         except Exception:
             # Never lose a message to a bug: it stays spooled and is retried later.
             log.exception("delivery.crashed queue_id=%s", job.queue_id)
@@ -203,6 +207,11 @@ class Dispatcher:
             return await self._store.load_body(job.meta)
         except SpoolCorrupt as exc:
             await self._store.quarantine(job.meta, exc.why)
+            return None
+        except FileNotFoundError:
+            # Removed behind our back (an operator): nothing left to deliver or retry.
+            log.error("spool.missing queue_id=%s action=forget", job.queue_id)
+            self._store.forget(job.meta)
             return None
 
     async def _attempt(self, job: Job, upstream: Upstream) -> None:

@@ -174,7 +174,13 @@ class SpoolStore:
             await self._in_thread(write_file, path, (prefix, body))
         except OSError as exc:
             raise SpoolError("write message", exc.errno) from None
-        await self._dirsync.sync()  # raises SpoolError; the file may stay (delivered, dup-ok)
+        try:
+            await self._dirsync.sync()
+        except SpoolError:
+            # The client gets 451 and will retry: take the entry back so that this
+            # copy is never delivered too (best effort; a leftover means a duplicate).
+            await self._in_thread(_unlink_pair, self.queue_dir, queue_id)
+            raise
         self.messages += 1
         self.bytes += len(body)
         return MessageMeta(queue_id, envelope, wall, len(body), client, crc)
@@ -198,14 +204,17 @@ class SpoolStore:
         await asyncio.get_running_loop().run_in_executor(
             self._remover, _unlink_pair, self.queue_dir, meta.queue_id
         )
+        self.forget(meta)
+
+    def forget(self, meta: MessageMeta) -> None:
+        """Stop counting a message whose file vanished."""
         self.messages -= 1
         self.bytes -= meta.body_size
 
     async def quarantine(self, meta: MessageMeta, why: str) -> None:
         log.error("spool.quarantine queue_id=%s reason=%s", meta.queue_id, why)
         await self._in_thread(self.quarantine_now, meta.queue_id)
-        self.messages -= 1
-        self.bytes -= meta.body_size
+        self.forget(meta)
 
     def quarantine_now(self, name: str) -> None:
         """Move a file (and its state file) into quarantine/. Blocking: startup or thread."""

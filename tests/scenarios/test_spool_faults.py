@@ -82,3 +82,18 @@ async def test_a_failed_spool_write_is_451_never_250(tmp_path: Path, sinks, prox
     assert "smtp.spool_failed" in proxy.log()
     assert not [p for p in (tmp_path / "spool" / "queue").iterdir() if p.name.startswith(".tmp")]
     shutil.rmtree(tmp_path / "spool")
+
+
+async def test_a_spool_file_removed_by_hand_is_forgotten_not_retried_forever(
+    tmp_path: Path, sinks
+) -> None:
+    relay = await sinks("relay", rcpt_rule=lambda r: "451 4.3.0 wait")
+    cfg = make_config(tmp_path / "spool", [("relay", relay.address, 1)])
+    async with App(cfg) as app:
+        _, body = make_message()
+        await send_mail(app.smtp_address[1], body)
+        await wait_until(lambda: app.dispatcher.deferrals >= 1)
+        for path in (tmp_path / "spool" / "queue").iterdir():
+            path.unlink()
+        await wait_until(lambda: app.store.messages == 0, timeout=10)
+        assert relay.messages == 0
