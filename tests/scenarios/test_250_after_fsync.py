@@ -10,13 +10,16 @@ write to the client socket (REFERENCE D8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from support.mail import make_message, send_mail
 from support.proxy import config_mapping, to_toml
@@ -46,6 +49,33 @@ def completions(trace: str) -> list[str]:
     return done
 
 
+@contextlib.asynccontextmanager
+async def proxy_under_strace(cfg_path: Path, *strace_args: str) -> AsyncIterator[int]:
+    """`smtpbalancer serve` under strace; yields the SMTP port; SIGTERMs the proxy itself
+    (signalling strace would only make it detach)."""
+    proc = await asyncio.create_subprocess_exec(
+        "strace", "-f", *strace_args,
+        sys.executable, "-m", "smtpbalancer", "serve", "--config", str(cfg_path),
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    proxy_pid = 0
+    try:
+        assert proc.stderr is not None
+        port = 0
+        while not port:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, "proxy exited early"
+            if found := re.search(r"smtpbalancer\.ready smtp=[\d.]+:(\d+) .* pid=(\d+)", line):
+                port, proxy_pid = int(found.group(1)), int(found.group(2))
+        yield port
+    finally:
+        if proxy_pid:
+            os.kill(proxy_pid, signal.SIGTERM)
+        else:
+            proc.kill()
+        await asyncio.wait_for(proc.communicate(), 20)
+
+
 def first(lines: list[str], start: int, prefixes: tuple[str, ...], needle: str) -> int:
     """Index of the first line from `start` that begins with a prefix and contains needle."""
     for i in range(start, len(lines)):
@@ -63,30 +93,14 @@ async def test_each_250_follows_file_fsync_rename_and_directory_fsync(
     cfg_path.write_text(to_toml(config_mapping(spool, [("relay", relay.address, 1)])))
     trace_path = tmp_path / "trace.txt"
     syscalls = "openat,fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,sendmsg"
-    proc = await asyncio.create_subprocess_exec(
-        "strace", "-f", "-y", "-s", "120", "-o", str(trace_path), "-e", f"trace={syscalls}",
-        sys.executable, "-m", "smtpbalancer", "serve", "--config", str(cfg_path),
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        port = proxy_pid = 0
-        while not port:
-            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-            assert line, "proxy exited early"
-            if found := re.search(r"smtpbalancer\.ready smtp=[\d.]+:(\d+) .* pid=(\d+)", line):
-                port, proxy_pid = int(found.group(1)), int(found.group(2))
-        queue_ids = []
+    queue_ids = []
+    async with proxy_under_strace(
+        cfg_path, "-y", "-s", "120", "-o", str(trace_path), "-e", f"trace={syscalls}"
+    ) as port:
         for _ in range(5):
             _, body = make_message()
             _, reply = await send_mail(port, body)
             queue_ids.append(reply.rsplit(" ", 1)[1])
-    finally:
-        if proxy_pid:
-            os.kill(proxy_pid, signal.SIGTERM)  # the proxy, not strace (which would detach)
-        else:
-            proc.kill()
-        await asyncio.wait_for(proc.communicate(), 20)
 
     lines = completions(trace_path.read_text())
     queue_dir = str(spool / "queue")
@@ -97,3 +111,21 @@ async def test_each_250_follows_file_fsync_rename_and_directory_fsync(
         fsync_dir = first(lines, renamed, ("fsync(",), f"<{queue_dir}>)")
         said_250 = first(lines, 0, ("write", "send"), f"queued as {qid}")
         assert fsync_file < renamed < fsync_dir < said_250, (qid, fsync_file, renamed, fsync_dir)
+
+
+async def test_when_fsync_fails_every_message_gets_451_and_nothing_is_relayed(
+    tmp_path: Path, sinks
+) -> None:
+    """REFERENCE D3: fsync returns EIO (injected by strace) -> 451 4.3.0, never 250."""
+    relay = await sinks("relay")
+    cfg_path = tmp_path / "proxy.toml"
+    cfg_path.write_text(to_toml(config_mapping(tmp_path / "spool", [("relay", relay.address, 1)])))
+    inject = ("-o", "/dev/null", "-e", "inject=fsync,fdatasync:error=EIO")
+    async with proxy_under_strace(cfg_path, *inject) as port:
+        for _ in range(3):
+            _, body = make_message()
+            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                await send_mail(port, body)
+            assert (refused.value.code, refused.value.message[:5]) == (451, "4.3.0")
+    assert relay.messages == 0
+    assert list((tmp_path / "spool" / "queue").iterdir()) == []
