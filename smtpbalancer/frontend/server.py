@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Coroutine
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
@@ -100,16 +101,16 @@ class _Session(SMTP):
         return result
 
     async def smtp_EHLO(self, arg: str) -> None:
-        self._plain_push = True
-        try:
-            await super().smtp_EHLO(arg)
-        finally:
-            self._plain_push = False
+        await self._without_enhanced_status(super().smtp_EHLO(arg))
 
     async def smtp_HELO(self, arg: str) -> None:
+        await self._without_enhanced_status(super().smtp_HELO(arg))
+
+    async def _without_enhanced_status(self, command: Coroutine[Any, Any, None]) -> None:
+        # RFC 2034: the greeting and EHLO/HELO replies carry no enhanced status code.
         self._plain_push = True
         try:
-            await super().smtp_HELO(arg)
+            await command
         finally:
             self._plain_push = False
 
