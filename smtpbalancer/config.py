@@ -26,6 +26,17 @@ T = TypeVar("T")
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@dataclass(frozen=True, slots=True)
+class FreeSpace:
+    """A free-disk floor: absolute bytes, or a percentage of the file system."""
+
+    bytes: int = 0
+    percent: float = 0.0
+
+    def floor(self, total_bytes: int) -> int:
+        return max(self.bytes, int(total_bytes * self.percent / 100.0))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -34,6 +45,7 @@ class ServerConfig:
     max_message_size_bytes: int = 50_000_000
     max_recipients: int = 1000
     max_connections: int = 1000
+    max_connections_per_client: int = 50
     allow_networks: tuple[Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -46,6 +58,9 @@ class ServerConfig:
 class SpoolConfig:
     directory: Path = Path("/var/spool/smtpbalancer")
     max_size_bytes: int = 10_000_000_000
+    min_free_disk: FreeSpace = field(default_factory=lambda: FreeSpace(percent=5.0))
+    tarpit_above_percent: float = 80.0  # of max_size; 0 disables the tarpit
+    tarpit_delay_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +90,7 @@ class HealthCheckConfig:
 class BreakerConfig:
     failure_threshold: int = 5
     open_for_s: float = 30.0
+    max_open_for_s: float = 300.0  # open_for doubles on each re-open up to this
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +101,11 @@ class UpstreamConfig:
     weight: int = 1  # 0 = never selected
     max_connections: int = 10
     max_messages_per_connection: int = 100
+    max_recipients_per_message: int = 50  # larger envelopes are split (SES takes 50)
     backup: bool = False
+    rate_per_s: float | None = None  # from "14/s", "600/m", "1000/h"; None = unlimited
+    daily_quota: int | None = None  # messages per rolling 24 h; None = unlimited
+    slow_start_s: float = 30.0
 
     @property
     def endpoint(self) -> str:
@@ -143,6 +163,45 @@ def parse_size(value: object) -> int:
     if size < 0:
         raise ValueError("must be >= 0")
     return size
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+_RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_rate(value: object) -> float:
+    """ "14/s", "600/m", "1000/h", "10000/d" -> messages per second."""
+    found = _RATE.match(value) if isinstance(value, str) else None
+    if not found:
+        raise ValueError(f"expected a rate like '14/s', '600/m' or '1000/h', got {value!r}")
+    per_s = float(found.group(1)) / _RATE_PERIODS[found.group(2)]
+    if per_s <= 0:
+        raise ValueError("must be > 0")
+    return per_s
+
+
+def parse_free_space(value: object) -> FreeSpace:
+    """ "10%" of the file system, or a size ("2GB", bytes)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"expected a percentage like '10%', got {value!r}") from None
+        if not 0 <= percent < 100:
+            raise ValueError("a percentage must be in [0, 100)")
+        return FreeSpace(percent=percent)
+    return FreeSpace(bytes=parse_size(value))
+
+
+def parse_percent(value: object) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if 0 <= percent <= 100:
+            return percent
+    raise ValueError(f"expected a percentage like '80%', got {value!r}")
 
 
 def parse_hostport(value: object) -> tuple[str, int]:
@@ -240,6 +299,15 @@ class _Keys:
     def size(self, key: str, default: int) -> int:
         return self._convert(key, default, parse_size)
 
+    def optional_rate(self, key: str) -> float | None:
+        return self._convert(key, None, parse_rate)
+
+    def optional_integer(self, key: str, low: int) -> int | None:
+        if self._raw.get(key) is None:
+            self._get(key)
+            return None
+        return self.integer(key, low, low=low)
+
     def hostport(self, key: str, default: tuple[str, int] | None) -> tuple[str, int]:
         if self._raw.get(key) is None and default is None:
             self._get(key)
@@ -322,6 +390,9 @@ def _server(keys: _Keys) -> ServerConfig:
         max_message_size_bytes=keys.size("max_message_size", d.max_message_size_bytes),
         max_recipients=keys.integer("max_recipients", d.max_recipients, low=1),
         max_connections=keys.integer("max_connections", d.max_connections, low=1),
+        max_connections_per_client=keys.integer(
+            "max_connections_per_client", d.max_connections_per_client, low=1
+        ),
         allow_networks=keys.networks("allow_networks", d.allow_networks),
         idle_timeout_s=keys.duration("idle_timeout", d.idle_timeout_s, positive=True),
         drain_timeout_s=keys.duration("drain_timeout", d.drain_timeout_s),
@@ -337,6 +408,9 @@ def _spool(keys: _Keys) -> SpoolConfig:
     cfg = SpoolConfig(
         directory=Path(keys.text("directory", str(d.directory))),
         max_size_bytes=keys.size("max_size", d.max_size_bytes),
+        min_free_disk=keys._convert("min_free_disk", d.min_free_disk, parse_free_space),
+        tarpit_above_percent=keys._convert("tarpit_above", d.tarpit_above_percent, parse_percent),
+        tarpit_delay_s=keys.duration("tarpit_delay", d.tarpit_delay_s),
     )
     keys.reject_unknown()
     return cfg
@@ -382,7 +456,10 @@ def _breaker(keys: _Keys) -> BreakerConfig:
     cfg = BreakerConfig(
         failure_threshold=keys.integer("failure_threshold", d.failure_threshold, low=1),
         open_for_s=keys.duration("open_for", d.open_for_s, positive=True),
+        max_open_for_s=keys.duration("max_open_for", d.max_open_for_s, positive=True),
     )
+    if cfg.max_open_for_s < cfg.open_for_s:
+        keys.problem("max_open_for", "must be ≥ circuit_breaker.open_for")
     keys.reject_unknown()
     return cfg
 
@@ -406,7 +483,11 @@ def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
             weight=keys.integer("weight", 1, low=0),
             max_connections=keys.integer("max_connections", 10, low=1),
             max_messages_per_connection=keys.integer("max_messages_per_connection", 100, low=1),
+            max_recipients_per_message=keys.integer("max_recipients_per_message", 50, low=1),
             backup=keys.boolean("backup", False),
+            rate_per_s=keys.optional_rate("rate"),
+            daily_quota=keys.optional_integer("daily_quota", low=1),
+            slow_start_s=keys.duration("slow_start", 30.0),
         )
         keys.reject_unknown()
         if cfg.name in names:

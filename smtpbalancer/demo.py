@@ -82,7 +82,7 @@ async def run_demo(*, messages: int, clients: int, spool: Path | None) -> int:
         cfg = config.from_mapping(
             {
                 "server": {"listen": "127.0.0.1:0", "hostname": "demo.smtpbalancer.local"},
-                "spool": {"directory": str(spool_dir)},
+                "spool": {"directory": str(spool_dir), "min_free_disk": 0},
                 "delivery": {"retry_initial": "1s", "retry_max": "5s"},
                 "metrics": {"listen": ""},
                 "upstream": [

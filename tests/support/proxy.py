@@ -22,7 +22,7 @@ def config_mapping(
     """A config as a TOML-shaped mapping: loopback, ephemeral ports, fast retries."""
     raw: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "hostname": "proxy.test", "drain_timeout": "5s"},
-        "spool": {"directory": str(spool)},
+        "spool": {"directory": str(spool), "min_free_disk": 0},
         "delivery": {"retry_initial": "200ms", "retry_max": "1s", "timeout": "5s"},
         "metrics": {"listen": ""},
         "circuit_breaker": {"failure_threshold": 3, "open_for": "500ms"},
