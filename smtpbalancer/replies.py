@@ -7,6 +7,7 @@ upstream connection reports in, so that delivery policy stays free of aiosmtplib
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ class Reply:
         return cls(code, "", text)
 
 
+class Signal(enum.StrEnum):
+    """What an attempt says about the upstream (see delivery/outcome.py)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    THROTTLED = "throttled"
+    NEUTRAL = "neutral"
+
+
 @dataclass(frozen=True, slots=True)
 class SendResult:
     """The outcome of one upstream transaction that the upstream answered.
@@ -72,6 +82,7 @@ class SendResult:
     refused: Mapping[str, Reply]
     final: Reply
     queue_id: str = ""
+    stage: str = "data"  # the step that produced `final`: "mail", "rcpt" or "data"
 
 
 # --- replies the proxy sends -------------------------------------------------
@@ -80,9 +91,13 @@ OK_SENDER: Final = Reply(250, "2.1.0", "Sender OK")
 OK_RECIPIENT: Final = Reply(250, "2.1.5", "Recipient OK")
 BYE: Final = Reply(221, "2.0.0", "Bye")
 SHUTTING_DOWN: Final = Reply(421, "4.3.2", "Service shutting down, try again later")
-TOO_MANY_CONNECTIONS: Final = Reply(421, "4.3.2", "Too many connections, try again later")
+TOO_MANY_CONNECTIONS: Final = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_HOST: Final = Reply(
+    421, "4.7.0", "Too many connections from your host, try again later"
+)
 SPOOL_WRITE_FAILED: Final = Reply(451, "4.3.0", "Queue write error, try again later")
 TOO_MANY_RECIPIENTS: Final = Reply(452, "4.5.3", "Too many recipients")
+STORAGE_LOW: Final = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 RELAY_DENIED: Final = Reply(554, "5.7.1", "Relay access denied")
 TOO_BIG: Final = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BAD_ADDRESS: Final = Reply(501, "5.1.7", "Bad address syntax")

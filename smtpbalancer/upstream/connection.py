@@ -95,11 +95,11 @@ class UpstreamConnection:
         try:
             sender = _path(mail_from, encoding)
             if sender is None:
-                return SendResult(refused={}, final=_NEEDS_SMTPUTF8)
+                return SendResult(refused={}, final=_NEEDS_SMTPUTF8, stage=stage)
             reply = await self._command(stage, b"MAIL", b"FROM:" + sender, *options)
             if reply.code != 250:
                 await smtp.rset()
-                return SendResult(refused={}, final=reply)
+                return SendResult(refused={}, final=reply, stage=stage)
             stage = "rcpt"
             refused: dict[str, Reply] = {}
             for rcpt in rcpts:
@@ -113,7 +113,7 @@ class UpstreamConnection:
                     refused[rcpt] = reply
             if len(refused) == len(rcpts):
                 await smtp.rset()  # RFC 5321 §3.3: no DATA without an accepted recipient
-                return SendResult(refused=refused, final=_ALL_REFUSED)
+                return SendResult(refused=refused, final=_ALL_REFUSED, stage=stage)
             stage = "data"
             try:
                 response = await smtp.data(body)

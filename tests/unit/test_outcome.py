@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from smtpbalancer.delivery.outcome import Fate, Signal, Verdict, broken_session_reply, classify
+from smtpbalancer.delivery.outcome import (
+    Fate,
+    Signal,
+    Verdict,
+    broken_session_reply,
+    classify,
+    is_throttling,
+    merge,
+)
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import Reply, SendResult
 
@@ -82,6 +90,7 @@ def test_a_broken_session_defers_everyone_and_blames_the_upstream() -> None:
         replies={A: reply, B: reply},
         signal=Signal.FAILURE,
         upstream_queue_id="",
+        reason="connect: 451 4.4.2 connect with relay-a: connection refused",
     )
     assert reply.line == "451 4.4.2 connect with relay-a: connection refused"
 
@@ -116,3 +125,75 @@ def test_upstream_queue_id_is_carried_through() -> None:
 def test_no_recipients_gives_an_empty_verdict() -> None:
     verdict = classify(SendResult(refused={}, final=QUEUED), [])
     assert (dict(verdict.fates), dict(verdict.replies)) == ({}, {})
+
+
+# --- what the upstream's breaker and rate controller hear -----------------------------
+
+MAIL_451 = SendResult(refused={}, final=Reply(451, "4.3.0", "try later"), stage="mail")
+DATA_451 = SendResult(refused={}, final=Reply(451, "4.3.0", "try later"), stage="data")
+RCPT_450 = SendResult(
+    refused={A: Reply(450, "4.2.0", "mailbox busy")}, final=Reply(250, "2.0.0", "ok"), stage="data"
+)
+RCPT_550 = SendResult(
+    refused={A: Reply(550, "5.1.1", "no such user")}, final=Reply(250, "2.0.0", "ok"), stage="data"
+)
+ALL_RCPT_451 = SendResult(
+    refused={A: Reply(451, "4.3.0", "later"), B: Reply(451, "4.3.0", "later")},
+    final=Reply(554, "5.5.0", "all recipients refused"),
+    stage="rcpt",
+)
+SES_THROTTLE = SendResult(
+    refused={},
+    final=Reply(454, "", "Throttling failure: Maximum sending rate exceeded."),
+    stage="mail",
+)
+RATE_47 = SendResult(
+    refused={A: Reply(451, "4.7.1", "Rate limited, slow down")},
+    final=Reply(250, "2.0.0", "ok"),
+    stage="data",
+)
+
+
+@pytest.mark.parametrize(
+    ("result", "signal"),
+    [
+        (MAIL_451, Signal.FAILURE),  # session-level 4xx at MAIL: the relay is unwell
+        (DATA_451, Signal.FAILURE),  # ... or after DATA
+        (RCPT_450, Signal.SUCCESS),  # a per-recipient 4xx is about the recipient
+        (ALL_RCPT_451, Signal.SUCCESS),  # still per recipient (a single-recipient 4xx is common)
+        (RCPT_550, Signal.SUCCESS),  # a per-recipient 5xx is not an upstream failure
+        (SES_THROTTLE, Signal.THROTTLED),
+        (RATE_47, Signal.THROTTLED),
+        (UpstreamError("r", "mail", "4.7.0 Too many connections", 421), Signal.THROTTLED),
+        (UpstreamError("r", "mail", "4.3.2 Too many messages in one session", 421), Signal.NEUTRAL),
+        (UpstreamError("r", "connect", "refused"), Signal.FAILURE),
+    ],
+)
+def test_signal_for_the_upstream(result: SendResult | UpstreamError, signal: Signal) -> None:
+    verdict = classify(result, [A, B])
+    assert verdict.signal is signal
+    assert (verdict.reason == "") is (signal is Signal.SUCCESS)
+
+
+@pytest.mark.parametrize(
+    ("reply", "throttling"),
+    [
+        (Reply(454, "4.7.0", "Throttling failure"), True),
+        (Reply(421, "4.7.0", "Try again later"), True),
+        (Reply(451, "", "Sending rate exceeded"), True),
+        (Reply(452, "4.5.3", "Too many recipients"), False),
+        (Reply(451, "4.3.0", "Local error"), False),
+        (Reply(554, "5.7.1", "Rate limited forever"), False),  # permanent: not a throttle
+    ],
+)
+def test_is_throttling(reply: Reply, throttling: bool) -> None:
+    assert is_throttling(reply) is throttling
+
+
+def test_merge_keeps_every_recipient_and_the_worst_signal() -> None:
+    first = classify(SendResult(refused={}, final=Reply(250, "2.0.0", "queued as X1")), [A])
+    second = classify(DATA_451, [B])
+    merged = merge([first, second])
+    assert merged.fates == {A: Fate.DELIVERED, B: Fate.DEFER}
+    assert merged.signal is Signal.FAILURE
+    assert merged.reason == "data: 451 4.3.0 try later"

@@ -6,11 +6,35 @@ from collections import Counter
 
 import pytest
 
-from smtpbalancer.upstream.selection import Candidate, SmoothWeighted, active_tier
+from smtpbalancer.upstream.selection import (
+    Candidate,
+    Choice,
+    Outcome,
+    SmoothWeighted,
+    active_tier,
+    slow_start_weight,
+)
+
+NOW = 100.0
 
 
-def up(name: str, weight: int = 1, *, backup: bool = False, eligible: bool = True) -> Candidate:
-    return Candidate(name, weight, backup, eligible)
+def up(
+    name: str,
+    weight: float = 1,
+    *,
+    backup: bool = False,
+    eligible: bool = True,
+    ready_at: float = 0.0,
+) -> Candidate:
+    return Candidate(name, weight, backup, eligible, ready_at)
+
+
+def chosen(
+    wrr: SmoothWeighted, candidates: list[Candidate], avoid: frozenset[str] = frozenset()
+) -> str:
+    choice = wrr.choose(candidates, NOW, avoid)
+    assert choice.outcome is Outcome.PICKED, choice
+    return choice.name
 
 
 def picks(weights: dict[str, int], n: int) -> list[str | None]:
@@ -54,35 +78,36 @@ def test_nothing_to_pick_gives_none() -> None:
     wrr = SmoothWeighted()
     assert wrr.pick([]) is None
     assert wrr.pick([up("a", 0)]) is None
-    assert wrr.choose([up("a", eligible=False)]) is None
+    assert wrr.choose([up("a", eligible=False)], NOW) == Choice(Outcome.NONE_ELIGIBLE)
 
 
 def test_choose_skips_avoided_upstreams() -> None:
     wrr = SmoothWeighted()
     candidates = [up("a", 5), up("b", 1), up("c", 1)]
-    chosen = [wrr.choose(candidates, avoid=frozenset({"a"})) for _ in range(4)]
-    assert chosen == ["b", "c", "b", "c"]
+    picked = [chosen(wrr, candidates, frozenset({"a"})) for _ in range(4)]
+    assert picked == ["b", "c", "b", "c"]
 
 
-def test_choose_returns_none_when_the_whole_active_tier_is_avoided() -> None:
+def test_choose_says_all_avoided_when_the_whole_active_tier_is_avoided() -> None:
     wrr = SmoothWeighted()
     candidates = [up("a"), up("b"), up("spare", backup=True)]
     # The backup tier is not consulted: the primaries are eligible, just avoided.
-    assert wrr.choose(candidates, avoid=frozenset({"a", "b"})) is None
+    choice = wrr.choose(candidates, NOW, frozenset({"a", "b"}))
+    assert choice == Choice(Outcome.ALL_AVOIDED)
 
 
 def test_backups_are_used_only_when_no_primary_is_eligible() -> None:
     wrr = SmoothWeighted()
     healthy = [up("a"), up("spare", 10, backup=True)]
-    assert {wrr.choose(healthy) for _ in range(20)} == {"a"}
+    assert {chosen(wrr, healthy) for _ in range(20)} == {"a"}
     down = [up("a", eligible=False), up("spare", 10, backup=True)]
-    assert {wrr.choose(down) for _ in range(20)} == {"spare"}
+    assert {chosen(wrr, down) for _ in range(20)} == {"spare"}
 
 
 def test_ineligible_primaries_are_skipped() -> None:
     wrr = SmoothWeighted()
     candidates = [up("a", 5, eligible=False), up("b"), up("c")]
-    assert [wrr.choose(candidates) for _ in range(4)] == ["b", "c", "b", "c"]
+    assert [chosen(wrr, candidates) for _ in range(4)] == ["b", "c", "b", "c"]
 
 
 @pytest.mark.parametrize(
@@ -107,3 +132,38 @@ def test_forget_resets_an_upstreams_running_weight() -> None:
     wrr.forget(["a", "b", "c"])
     assert repr(wrr) == "<SmoothWeighted {}>"
     assert [wrr.pick(candidates) for _ in range(7)] == list("aabacaa")
+
+
+def test_rate_limited_candidates_are_skipped_while_another_has_a_token() -> None:
+    wrr = SmoothWeighted()
+    candidates = [up("a", 5, ready_at=NOW + 1), up("b")]
+    assert [chosen(wrr, candidates) for _ in range(3)] == ["b", "b", "b"]
+
+
+def test_when_every_fresh_candidate_is_rate_limited_the_answer_is_to_wait() -> None:
+    wrr = SmoothWeighted()
+    candidates = [up("a", ready_at=NOW + 0.5), up("b", ready_at=NOW + 0.2), up("c")]
+    choice = wrr.choose(candidates, NOW, frozenset({"c"}))
+    assert choice == Choice(Outcome.WAIT, wait_until=NOW + 0.2)
+
+
+@pytest.mark.parametrize(
+    ("in_service_s", "weight"),
+    [(0.0, 1.0), (15.0, 5.5), (30.0, 10.0), (100.0, 10.0), (-1.0, 1.0)],
+)
+def test_slow_start_ramps_from_10_percent_to_full_weight(
+    in_service_s: float, weight: float
+) -> None:
+    assert slow_start_weight(10.0, in_service_s, 30.0) == pytest.approx(weight)
+
+
+def test_slow_start_off_or_weight_zero_leaves_the_weight() -> None:
+    assert slow_start_weight(10.0, 0.0, 0.0) == 10.0
+    assert slow_start_weight(0.0, 0.0, 30.0) == 0.0
+
+
+def test_a_slow_starting_upstream_gets_a_small_share() -> None:
+    wrr = SmoothWeighted()
+    candidates = [up("steady", 9), up("returning", slow_start_weight(9, 0.0, 30.0))]
+    counts = Counter(chosen(wrr, candidates) for _ in range(990))
+    assert counts["returning"] == 90  # 0.9 of 9.9 total weight
