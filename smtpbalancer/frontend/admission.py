@@ -1,8 +1,9 @@
 """Who may relay, and what fits: pure decisions for the front end.
 
 No I/O, no clock, no logging: each function returns None to admit or the
-Reply to send. Invariant: never an open relay — a client outside
-`allow_networks` gets 554 5.7.1 at RCPT and nothing is spooled.
+Reply to send. Invariants: never an open relay — a client outside
+`allow_networks` gets 554 5.7.1 at RCPT and nothing is spooled; a full spool
+or disk is a 452 4.3.1 at MAIL (invariant 5: backpressure is never a 5xx).
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class Limits:
     max_recipients: int
     allow_networks: tuple[Network, ...]
+    tarpit_above_percent: float = 0.0  # of the spool's max size; 0 disables the tarpit
+    tarpit_delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """A snapshot of the spool's room, in bytes."""
+
+    spool_bytes: int  # stored messages
+    reserved_bytes: int  # declared by open transactions, not stored yet
+    max_spool_bytes: int
+    free_disk_bytes: int  # on the spool's file system, for unprivileged users
+    min_free_disk_bytes: int  # the floor below which nothing is admitted
 
 
 def may_relay(client_ip: str, networks: Sequence[Network]) -> bool:
@@ -42,6 +56,31 @@ def on_rcpt(limits: Limits, client_ip: str, recipients_so_far: int) -> Reply | N
     if recipients_so_far >= limits.max_recipients:
         return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10: 452, the client sends the rest
     return None
+
+
+def declared_size(mail_options: Sequence[str]) -> int:
+    """The RFC 1870 SIZE= a client declared at MAIL, or 0 (aiosmtpd checked the syntax)."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def on_mail(pressure: Pressure, declared: int) -> Reply | None:
+    """Refuse a transaction the spool has no room for (Postfix queue_minfree, RFC 1870 §6.1)."""
+    if pressure.free_disk_bytes < pressure.min_free_disk_bytes:
+        return replies.STORAGE_LOW
+    if pressure.spool_bytes + pressure.reserved_bytes + declared > pressure.max_spool_bytes:
+        return replies.STORAGE_LOW
+    return None
+
+
+def tarpit_delay(limits: Limits, usage_percent: float) -> float:
+    """Seconds to hold the final 250 at DATA: slows arrivals while the spool fills."""
+    if 0 < limits.tarpit_above_percent < usage_percent:
+        return limits.tarpit_delay_s
+    return 0.0
 
 
 def has_control_chars(text: str) -> bool:

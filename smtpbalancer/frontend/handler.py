@@ -1,15 +1,21 @@
 """aiosmtpd hooks: EHLO extensions, relay and limit checks, and the spool hand-off.
 
 The handler owns per-session policy; it never imports spool, delivery or
-upstream (it gets a Submitter from app). DATA is answered 250 only after
-`Submitter.submit` returns, i.e. after body and envelope are durable
-(invariant 1); a spool failure answers 451 4.3.0.
+upstream (it gets a Submitter and a PressureSource from app). DATA is answered
+250 only after `Submitter.submit` returns, i.e. after body and envelope are
+durable (invariant 1); a spool failure answers 451 4.3.0.
+
+Backpressure: MAIL is refused with 452 4.3.1 when the spool or its disk has no
+room, and otherwise reserves the declared SIZE= until RSET, end of DATA, the
+next MAIL or disconnect, so that concurrent transactions cannot together
+overrun the spool. Above the tarpit threshold the final 250 is held back.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import weakref
 from typing import Any, Protocol
 
 from smtpbalancer import replies
@@ -17,7 +23,7 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.envelope import Envelope
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.frontend import admission
-from smtpbalancer.frontend.admission import Limits
+from smtpbalancer.frontend.admission import Limits, Pressure
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +35,75 @@ class Submitter(Protocol):
         """Returns once the message is durable; raises SpoolError otherwise."""
 
 
+class PressureSource(Protocol):
+    """The spool's room (spool.capacity.Capacity); read per MAIL, so reads must be cheap."""
+
+    @property
+    def spool_bytes(self) -> int: ...
+
+    @property
+    def reserved_bytes(self) -> int: ...
+
+    @property
+    def max_spool_bytes(self) -> int: ...
+
+    @property
+    def free_disk_bytes(self) -> int: ...
+
+    @property
+    def min_free_disk_bytes(self) -> int: ...
+
+    def reserve(self, size: int) -> None: ...
+
+    def release(self, size: int) -> None: ...
+
+    def usage_percent(self) -> float: ...
+
+
 class Handler:
     def __init__(
-        self, *, hostname: str, limits: Limits, submitter: Submitter, clock: Clock
+        self,
+        *,
+        hostname: str,
+        limits: Limits,
+        submitter: Submitter,
+        pressure: PressureSource,
+        clock: Clock,
     ) -> None:
         self._hostname = hostname
         self._limits = limits
         self._submitter = submitter
+        self._pressure = pressure
         self._clock = clock
+        # Bytes reserved by each connection's open transaction, keyed by the SMTP protocol
+        # object (one per connection; aiosmtpd's Session is replaced on STARTTLS).
+        self._reserved: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._tarpit_on = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Handler reservations={len(self._reserved)}"
+            f" tarpit={'on' if self._tarpit_on else 'off'}>"
+        )
+
+    def connection_closed(self, server: Any) -> None:
+        """Called by the session when its connection is lost: drop its reservation."""
+        self._release(server)
+
+    def _release(self, server: Any) -> None:
+        size = self._reserved.pop(server, 0)
+        if size:
+            self._pressure.release(size)
+
+    def _snapshot(self) -> Pressure:
+        p = self._pressure
+        return Pressure(
+            spool_bytes=p.spool_bytes,
+            reserved_bytes=p.reserved_bytes,
+            max_spool_bytes=p.max_spool_bytes,
+            free_disk_bytes=p.free_disk_bytes,
+            min_free_disk_bytes=p.min_free_disk_bytes,
+        )
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -52,9 +119,24 @@ class Handler:
     ) -> str:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
-        envelope.mail_from = address
+        self._release(server)  # left over from a transaction aborted without RSET (e.g. 552)
+        size = admission.declared_size(options)
+        refusal = admission.on_mail(self._snapshot(), size)
+        if refusal is not None:
+            log.debug(
+                "smtp.storage_low client=%s declared=%d %r", _peer_ip(session), size, self._pressure
+            )
+            return refusal.line
+        if size:
+            self._reserved[server] = size
+            self._pressure.reserve(size)
+        envelope.mail_from = address  # with a MAIL hook, aiosmtpd leaves these to us
         envelope.mail_options.extend(options)
         return replies.OK_SENDER.line
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        self._release(server)
+        return replies.OK.line
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -94,7 +176,28 @@ class Handler:
         except SpoolError as exc:
             log.error("smtp.spool_failed client=%s error=%s", client_ip, exc)
             return replies.SPOOL_WRITE_FAILED.line
+        finally:
+            self._release(server)  # after submit: the stored bytes now count instead
+        delay = self._tarpit()
+        if delay:
+            await self._clock.sleep(delay)  # the message is durable; only the reply waits
         return replies.queued(queue_id)
+
+    def _tarpit(self) -> float:
+        """The tarpit delay for this message; logs once when the tarpit engages or lifts."""
+        usage = self._pressure.usage_percent()
+        delay = admission.tarpit_delay(self._limits, usage)
+        if (delay > 0) != self._tarpit_on:
+            self._tarpit_on = delay > 0
+            log.log(
+                logging.WARNING if self._tarpit_on else logging.INFO,
+                "backpressure.%s spool_usage_percent=%.1f tarpit_above_percent=%.1f delay_s=%.2f",
+                "on" if self._tarpit_on else "off",
+                usage,
+                self._limits.tarpit_above_percent,
+                delay,
+            )
+        return delay
 
     def _received(self, session: Any, client_ip: str, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 §4.4 trace header; the EHLO name is sanitised (invariant 7)."""

@@ -1,8 +1,11 @@
-"""The SMTP listener: sessions, the connection limit, enhanced status codes, drain.
+"""The SMTP listener: sessions, the connection limits, enhanced status codes, drain.
 
 aiosmtpd does the protocol; this module owns the socket and the session set.
-- A connection over `max_connections`, or any new connection while draining,
-  gets one 421 4.3.2 line and is closed (RFC 5321 §3.8).
+- A connection over `max_connections` gets one 421 4.7.0 line and is closed
+  (RFC 5321 §3.8), and so does one over `max_connections_per_client` from the
+  same IP address; that check needs the peer address, so it happens in
+  `connection_made`, before aiosmtpd starts the session or sends a greeting.
+- Any new connection while draining gets 421 4.3.2 and is closed.
 - Every reply aiosmtpd itself originates is given an RFC 3463 enhanced status
   code (we advertise ENHANCEDSTATUSCODES), except the greeting, EHLO/HELO
   lines, 354 and AUTH challenges, which RFC 2034 exempts.
@@ -14,6 +17,7 @@ aiosmtpd does the protocol; this module owns the socket and the session set.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 from collections.abc import Coroutine
@@ -69,18 +73,27 @@ def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa:
 class _Session(SMTP):
     def __init__(self, handler: Handler, frontend: FrontEnd, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self._handler = handler
         self._frontend = frontend
         self._plain_push = False
+        self._client: str | None = None  # peer IP once admitted; None = refused at connect
         self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
+        if self.transport is None:  # not the STARTTLS re-entry
+            client = _peer_ip(transport.get_extra_info("peername"))
+            if not self._frontend.admit(self, client):
+                # aiosmtpd never sees this connection: no session, no greeting, no task.
+                _say_and_close(transport, replies.TOO_MANY_FROM_HOST)
+                return
+            self._client = client
         super().connection_made(transport)
-        if first:
-            self._frontend.sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._frontend.sessions.discard(self)
+        if self._client is None:
+            return  # refused in connection_made; aiosmtpd has nothing to clean up
+        self._frontend.forget(self, self._client)
+        self._handler.connection_closed(self)
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
@@ -144,6 +157,12 @@ class _Refuser(asyncio.Protocol):
         _say_and_close(transport, self._reply)
 
 
+def _peer_ip(peer: object) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
+
+
 def _say_and_close(transport: asyncio.BaseTransport, reply: Reply) -> None:
     # uvloop's transports are not asyncio.WriteTransport subclasses: cast, don't isinstance.
     writer = cast(asyncio.WriteTransport, transport)
@@ -157,13 +176,35 @@ class FrontEnd:
         self._handler = handler
         self._clock = clock
         self.sessions: set[_Session] = set()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._server: asyncio.Server | None = None
         self._draining = False
         self.refused_connections = 0
 
     def __repr__(self) -> str:
         state = "draining" if self._draining else "open"
-        return f"<FrontEnd {state} sessions={len(self.sessions)}/{self._config.max_connections}>"
+        return (
+            f"<FrontEnd {state} sessions={len(self.sessions)}/{self._config.max_connections}"
+            f" clients={len(self._per_client)}>"
+        )
+
+    def admit(self, session: _Session, client: str) -> bool:
+        """Count a new session against its client's limit; False = over the limit."""
+        if self._per_client[client] >= self._config.max_connections_per_client:
+            self.refused_connections += 1
+            log.debug("smtp.too_many_from_host client=%s", client)
+            return False
+        self._per_client[client] += 1
+        self.sessions.add(session)
+        return True
+
+    def forget(self, session: _Session, client: str) -> None:
+        self.sessions.discard(session)
+        left = self._per_client[client] - 1
+        if left > 0:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
 
     async def start(self) -> tuple[str, int]:
         logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -129,10 +129,10 @@ async def test_addresses_with_control_characters_are_refused(app: App) -> None:
     writer.close()
 
 
-async def test_connections_over_the_limit_get_421_4_3_2(app: App) -> None:
+async def test_connections_over_the_limit_get_421_4_7_0(app: App) -> None:
     held = [await connect(app) for _ in range(3)]
     reader, writer = await asyncio.open_connection(*app.smtp_address)
-    assert (await reader.readline()).startswith(b"421 4.3.2 ")
+    assert (await reader.readline()).startswith(b"421 4.7.0 Too many connections,")
     assert await reader.read() == b""
     writer.close()
     for client in held:

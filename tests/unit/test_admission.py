@@ -10,9 +10,13 @@ from smtpbalancer import replies
 from smtpbalancer.config import Network
 from smtpbalancer.frontend.admission import (
     Limits,
+    Pressure,
+    declared_size,
     has_control_chars,
     may_relay,
+    on_mail,
     on_rcpt,
+    tarpit_delay,
     trace_name,
 )
 from smtpbalancer.replies import Reply
@@ -107,3 +111,72 @@ def test_has_control_chars(text: str, has: bool) -> None:
 )
 def test_trace_name_is_safe_for_a_received_header(helo: str | None, name: str) -> None:
     assert trace_name(helo) == name
+
+
+def pressure(
+    spool: int = 0, reserved: int = 0, free: int = 10_000, floor: int = 0, max_spool: int = 1000
+) -> Pressure:
+    return Pressure(
+        spool_bytes=spool,
+        reserved_bytes=reserved,
+        max_spool_bytes=max_spool,
+        free_disk_bytes=free,
+        min_free_disk_bytes=floor,
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "declared", "reply"),
+    [
+        (pressure(), 0, None),
+        (pressure(), 1000, None),  # exactly fills the spool: still fits
+        (pressure(), 1001, replies.STORAGE_LOW),
+        (pressure(spool=600), 400, None),
+        (pressure(spool=600), 401, replies.STORAGE_LOW),
+        (pressure(spool=600, reserved=300), 100, None),
+        (pressure(spool=600, reserved=300), 101, replies.STORAGE_LOW),  # reservations count
+        (pressure(spool=1000), 0, None),  # full, but no SIZE= declared: nothing to exceed
+        (pressure(spool=1001), 0, replies.STORAGE_LOW),  # already over (a message without SIZE=)
+        (pressure(free=99, floor=100), 0, replies.STORAGE_LOW),  # below the free-disk floor
+        (pressure(free=100, floor=100), 0, None),
+        (pressure(free=0, floor=0), 10, None),  # min_free_disk 0 disables the disk check
+    ],
+)
+def test_on_mail(state: Pressure, declared: int, reply: Reply | None) -> None:
+    assert on_mail(state, declared) == reply
+
+
+def test_storage_low_is_the_rfc_1870_temporary_refusal() -> None:
+    assert replies.STORAGE_LOW.line == "452 4.3.1 Insufficient system storage, try again later"
+    assert replies.STORAGE_LOW.transient
+
+
+@pytest.mark.parametrize(
+    ("options", "size"),
+    [
+        ([], 0),
+        (["BODY=8BITMIME"], 0),
+        (["SIZE=2048"], 2048),
+        (["BODY=8BITMIME", "SIZE=12", "SMTPUTF8"], 12),
+        (["size=7"], 7),
+        (["SIZE"], 0),
+        (["SIZE=x"], 0),
+    ],
+)
+def test_declared_size(options: list[str], size: int) -> None:
+    assert declared_size(options) == size
+
+
+@pytest.mark.parametrize(
+    ("above", "usage", "delay"),
+    [
+        (80.0, 0.0, 0.0),
+        (80.0, 80.0, 0.0),
+        (80.0, 80.1, 1.5),
+        (80.0, 250.0, 1.5),
+        (0.0, 99.0, 0.0),  # 0 disables the tarpit
+    ],
+)
+def test_tarpit_delay(above: float, usage: float, delay: float) -> None:
+    limits = Limits(3, nets("127.0.0.0/8"), tarpit_above_percent=above, tarpit_delay_s=1.5)
+    assert tarpit_delay(limits, usage) == delay
