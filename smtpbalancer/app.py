@@ -25,9 +25,11 @@ from smtpbalancer.frontend.admission import Limits
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.frontend.server import FrontEnd
 from smtpbalancer.spool import recovery
+from smtpbalancer.spool.capacity import Capacity
 from smtpbalancer.spool.record import MessageMeta
 from smtpbalancer.spool.store import SpoolStore
 from smtpbalancer.tasks import cancel_and_wait, spawn
+from smtpbalancer.upstream.health import HealthChecker, smtp_probe
 from smtpbalancer.upstream.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,22 @@ class App:
             local_hostname=cfg.server.hostname,
             timeout_s=cfg.delivery.timeout_s,
         )
+        self.health = HealthChecker(
+            {
+                u.name: smtp_probe(
+                    u.host,
+                    u.port,
+                    local_hostname=cfg.server.hostname,
+                    timeout_s=cfg.health_check.timeout_s,
+                )
+                for u in cfg.upstreams
+            },
+            interval_s=cfg.health_check.interval_s,
+            fall=cfg.health_check.fall,
+            rise=cfg.health_check.rise,
+            on_change=self.registry.on_health,
+            clock=self.clock,
+        )
         self.scheduler = Scheduler(self.clock)
         self.dispatcher = Dispatcher(
             store=self.store,
@@ -85,10 +103,17 @@ class App:
             concurrency=sum(u.max_connections for u in cfg.upstreams),
         )
         self.submitter = Submitter(self.store, self.dispatcher, self.clock)
+        self.capacity = Capacity(cfg.spool, lambda: self.store.bytes, self.clock)
         self.handler = Handler(
             hostname=cfg.server.hostname,
-            limits=Limits(cfg.server.max_recipients, cfg.server.allow_networks),
+            limits=Limits(
+                cfg.server.max_recipients,
+                cfg.server.allow_networks,
+                tarpit_above_percent=cfg.spool.tarpit_above_percent,
+                tarpit_delay_s=cfg.spool.tarpit_delay_s,
+            ),
             submitter=self.submitter,
+            pressure=self.capacity,
             clock=self.clock,
         )
         self.frontend = FrontEnd(cfg.server, self.handler, self.clock)
@@ -125,6 +150,11 @@ class App:
             lambda: float(len(self.frontend.sessions)),
         )
         self._tasks.append(spawn(self.dispatcher.run(), name="dispatcher"))
+        self._tasks.append(spawn(self.health.run(), name="health-checker"))
+
+        await self.capacity.refresh()  # free disk is known before the first MAIL
+        self._tasks.append(spawn(self.capacity.run(), name="spool-capacity"))
+
         if self.config.metrics.enabled:
             server, _ = metrics.serve(self.config.metrics.host, self.config.metrics.port)
             self._metrics_server = server

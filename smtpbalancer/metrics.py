@@ -54,6 +54,14 @@ UPSTREAM_CIRCUIT_STATE = Gauge(
     "1 for the breaker's current state, 0 for the others.",
     ["upstream", "state"],
 )
+UPSTREAM_HEALTHY = Gauge(
+    "smtpbalancer_upstream_healthy", "1 if the active health check passes, else 0.", ["upstream"]
+)
+UPSTREAM_EFFECTIVE_RATE = Gauge(
+    "smtpbalancer_upstream_effective_rate",
+    "Messages per second the upstream may get now (configured rate after AIMD; +Inf = no limit).",
+    ["upstream"],
+)
 SPOOL_WRITE_ERRORS = Counter(
     "smtpbalancer_spool_write_errors", "Spool writes or fsyncs that failed (answered 451)."
 )
@@ -62,7 +70,15 @@ SPOOL_WRITE_ERRORS = Counter(
 class UpstreamMetrics:
     """Children bound once per upstream; the hot path calls .inc()/.observe() only."""
 
-    __slots__ = ("attempt_broken", "attempt_ok", "deferred", "delivered", "failed", "seconds")
+    __slots__ = (
+        "attempt_broken",
+        "attempt_ok",
+        "deferred",
+        "delivered",
+        "effective_rate",
+        "failed",
+        "seconds",
+    )
 
     def __init__(self, upstream: str) -> None:
         self.delivered = MESSAGES_DELIVERED.labels(upstream)
@@ -71,6 +87,7 @@ class UpstreamMetrics:
         self.attempt_broken = DELIVERY_ATTEMPTS.labels(upstream, "session_failed")
         self.failed = DELIVERY_ATTEMPTS.labels(upstream, "rejected")
         self.seconds = DELIVERY_SECONDS.labels(upstream)
+        self.effective_rate = UPSTREAM_EFFECTIVE_RATE.labels(upstream)
 
 
 def bind_gauges(
@@ -83,8 +100,11 @@ def bind_gauges(
     SESSIONS_ACTIVE.set_function(sessions)
 
 
-def bind_connections_gauge(upstream: str, size: Callable[[], float]) -> None:
-    UPSTREAM_CONNECTIONS.labels(upstream).set_function(size)
+def bind_upstream_gauges(
+    upstream: str, connections: Callable[[], float], healthy: Callable[[], float]
+) -> None:
+    UPSTREAM_CONNECTIONS.labels(upstream).set_function(connections)
+    UPSTREAM_HEALTHY.labels(upstream).set_function(healthy)
 
 
 def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:

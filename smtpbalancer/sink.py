@@ -75,6 +75,7 @@ class Sink:
         delay_s: float = 0.0,
         rcpt_rule: RcptRule | None = None,
         data_rule: MessageRule | None = None,
+        mail_rule: RcptRule | None = None,
         seed: int | None = None,
         hostname: str = "sink.test",
     ) -> None:
@@ -93,6 +94,9 @@ class Sink:
         self._fail_rate = tempfail_rate + permfail_rate
         self._delay_s = delay_s
         self._rcpt_rule = rcpt_rule
+        # A reply line for MAIL FROM (given the sender), or None to accept. Public so a
+        # test can switch a relay's mood while it runs (e.g. a flapping relay).
+        self.mail_rule = mail_rule
         self._data_rule = data_rule
         self._random = random.Random(seed)
         self._hooks = _Hooks(self)
@@ -290,6 +294,9 @@ class _Hooks:
     async def handle_MAIL(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
+        rule = self._sink.mail_rule
+        if rule is not None and (refusal := rule(address)) is not None:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return OK_SENDER.line

@@ -24,22 +24,24 @@ from typing import Any
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.delivery import dsn
-from smtpbalancer.delivery.outcome import Fate, Signal, Verdict, classify
+from smtpbalancer.delivery.outcome import Fate, Verdict, classify, merge
 from smtpbalancer.delivery.retry import RetryPolicy
 from smtpbalancer.delivery.scheduler import Job, Scheduler
 from smtpbalancer.envelope import Envelope
 from smtpbalancer.errors import SpoolCorrupt, SpoolError, UpstreamError
 from smtpbalancer.metrics import MESSAGES_BOUNCED
-from smtpbalancer.replies import SendResult
+from smtpbalancer.replies import SendResult, Signal
 from smtpbalancer.spool.record import Failure, MessageMeta, Progress
 from smtpbalancer.spool.store import SpoolStore
 from smtpbalancer.tasks import cancel_and_wait, spawn
-from smtpbalancer.upstream.registry import Registry, Upstream
+from smtpbalancer.upstream.registry import Pick, Registry, Upstream
+from smtpbalancer.upstream.selection import Outcome
 
 log = logging.getLogger(__name__)
 
 HOT_BODY_BUDGET = 64 * 1024 * 1024
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+_NOT_TRIED = UpstreamError("-", "not tried", "an earlier transaction of this message failed")
 
 
 class Dispatcher:
@@ -101,7 +103,14 @@ class Dispatcher:
             except BaseException:
                 self._slots.release()
                 raise
-            self._dispatch(job)
+            # Every upstream that could take it is out of rate tokens: hold this job (and
+            # the loop) until the first token, rather than re-queueing everything per token.
+            while (wait_s := self._dispatch(job)) is not None:
+                try:
+                    await self._clock.sleep(wait_s)
+                except BaseException:
+                    self._slots.release()
+                    raise
 
     async def finish(self, timeout_s: float) -> None:
         """Let in-flight deliveries finish within timeout_s; cancel the rest (they stay spooled)."""
@@ -117,26 +126,30 @@ class Dispatcher:
 
     # --- decisions (synchronous) ---------------------------------------------
 
-    def _dispatch(self, job: Job) -> None:
+    def _dispatch(self, job: Job) -> float | None:
+        """Send the job on its way; or return how long to wait for a rate token."""
         meta = job.meta
         if not job.progress.pending(meta.envelope.rcpt_tos):
             self._start(job, self._finish(job, job.body))
-            return
+            return None
         if self._policy.expired(self._clock.wall() - meta.received_wall):
             self._start(job, self._expire(job))
-            return
+            return None
         now = self._clock.monotonic()
-        upstream = self._registry.choose(now, frozenset(job.avoid))
-        if upstream is not None:
-            self._start(job, self._attempt(job, upstream))
-            return
+        choice = self._registry.choose(now, frozenset(job.avoid))
+        if isinstance(choice, Pick):
+            self._start(job, self._attempt(job, choice))
+            return None
+        if choice.outcome is Outcome.WAIT:
+            return max(choice.wait_until - now, 0.001)
         self._slots.release()
         self._drop_hot(job)
-        if self._registry.any_eligible(now):
+        if choice.outcome is Outcome.ALL_AVOIDED:
             self._next_round(job, now)  # every eligible upstream deferred it this round
         else:
             self._scheduler.park(job)
             self._arm_opening_timer()
+        return None
 
     def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
         task = spawn(self._guarded(job, work), name=f"deliver:{job.queue_id}")
@@ -157,7 +170,7 @@ class Dispatcher:
         self._scheduler.add(job, now + delay)
 
     def _arm_opening_timer(self) -> None:
-        at = self._registry.next_opening()
+        at = self._registry.next_opening(self._clock.monotonic())
         if at is None:
             return  # a probe is in flight; its outcome unparks or re-arms
         if self._opening is not None and self._opening_at <= at:
@@ -214,32 +227,41 @@ class Dispatcher:
             self._store.forget(job.meta)
             return None
 
-    async def _attempt(self, job: Job, upstream: Upstream) -> None:
+    async def _attempt(self, job: Job, pick: Pick) -> None:
         body = await self._body(job)
         if body is None:
             return
+        upstream = pick.upstream
         env = job.meta.envelope
         pending = job.progress.pending(env.rcpt_tos)
         self.attempts += 1
         started = self._clock.monotonic()
-        result: SendResult | UpstreamError
-        try:
-            result = await upstream.send(
-                env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
-            )
-        except UpstreamError as exc:
-            result = exc
+        verdicts: list[Verdict] = []
+        limit = upstream.config.max_recipients_per_message
+        # RFC 5321 §4.5.3.1.8: a relay may cap recipients per transaction; split, and
+        # track every recipient. After a broken session the remaining chunks wait.
+        for first in range(0, len(pending), limit):
+            chunk = pending[first : first + limit]
+            if verdicts and verdicts[-1].signal is not Signal.SUCCESS:
+                verdicts.append(classify(_NOT_TRIED, chunk))
+                continue
+            result: SendResult | UpstreamError
+            try:
+                result = await upstream.send(
+                    env.mail_from, chunk, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+                )
+            except UpstreamError as exc:
+                result = exc
+            verdicts.append(classify(result, chunk))
         upstream.metrics.seconds.observe(self._clock.monotonic() - started)
-        verdict = classify(result, pending)
-        if verdict.signal is Signal.FAILURE:
-            upstream.metrics.attempt_broken.inc()
-            assert isinstance(result, UpstreamError)
-            self._registry.record_failure(upstream, f"{result.stage}: {result.reason}")
-            if self._scheduler.parked:
-                self._arm_opening_timer()
-        else:
+        verdict = merge(verdicts)
+        if verdict.signal is Signal.SUCCESS:
             upstream.metrics.attempt_ok.inc()
-            self._registry.record_success(upstream)
+        else:
+            upstream.metrics.attempt_broken.inc()
+        self._registry.record(pick, verdict.signal, verdict.reason)
+        if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
+            self._arm_opening_timer()
         await self._settle(job, upstream, verdict, body)
 
     async def _settle(self, job: Job, upstream: Upstream, verdict: Verdict, body: bytes) -> None:

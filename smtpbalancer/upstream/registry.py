@@ -1,25 +1,31 @@
-"""The upstream pool as a whole: one Upstream (pool + breaker + metrics) per relay.
+"""The upstream pool as a whole: one Upstream (pool, breaker, limits, health) per relay.
 
-The shell around the pure policies: it asks the breakers who is eligible,
-lets SmoothWeighted choose, turns every breaker Transition into one log line
-and one metric, and notifies the dispatcher when an upstream becomes usable
-again so parked mail moves at once instead of waiting for a timer.
+The shell around the pure policies. It asks each upstream whether it may take
+mail now (healthy, breaker allows, daily quota left, a rate token), lets
+SmoothWeighted choose, and turns outcomes into breaker and rate decisions:
+every breaker Transition and every health flip is one log line and one metric.
+When an upstream becomes usable again it calls `on_recovery`, so parked mail
+moves at once instead of waiting for a timer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
+from smtpbalancer import metrics
 from smtpbalancer.clock import Clock
 from smtpbalancer.config import BreakerConfig, UpstreamConfig
 from smtpbalancer.errors import UpstreamError
-from smtpbalancer.metrics import UpstreamMetrics, bind_connections_gauge, set_breaker_state
-from smtpbalancer.replies import SendResult
+from smtpbalancer.replies import SendResult, Signal
 from smtpbalancer.upstream.breaker import Breaker, BreakerPolicy, BreakerState, Transition
 from smtpbalancer.upstream.connection import UpstreamConnection
 from smtpbalancer.upstream.pool import Pool
-from smtpbalancer.upstream.selection import Candidate, SmoothWeighted
+from smtpbalancer.upstream.ratelimit import Aimd, RollingQuota, TokenBucket
+from smtpbalancer.upstream.selection import Candidate, Choice, SmoothWeighted, slow_start_weight
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +41,26 @@ class Upstream:
         *,
         local_hostname: str,
         timeout_s: float,
+        rand: Callable[[], float],
     ) -> None:
         self.config = config
         self.name = config.name
         self.breaker = Breaker(
-            BreakerPolicy(breaker_config.failure_threshold, breaker_config.open_for_s)
+            BreakerPolicy(
+                breaker_config.failure_threshold,
+                breaker_config.open_for_s,
+                breaker_config.max_open_for_s,
+            ),
+            rand,
         )
-        self.metrics = UpstreamMetrics(config.name)
+        self.healthy = True
+        self.in_service_since = -math.inf  # slow start runs from here
+        now = clock.monotonic()
+        rate = config.rate_per_s
+        self.bucket = TokenBucket(rate, now=now) if rate else None
+        self.aimd = Aimd(rate) if rate else None
+        self.quota = RollingQuota(config.daily_quota) if config.daily_quota else None
+        self.metrics = metrics.UpstreamMetrics(config.name)
         self.pool = Pool(
             config.name,
             lambda: UpstreamConnection(
@@ -55,16 +74,33 @@ class Upstream:
             max_connections=config.max_connections,
             max_messages=config.max_messages_per_connection,
         )
-        set_breaker_state(self.name, BreakerState.CLOSED.value, _STATES)
-        bind_connections_gauge(self.name, lambda: float(self.pool.size))
+        metrics.set_breaker_state(self.name, BreakerState.CLOSED.value, _STATES)
+        metrics.bind_upstream_gauges(
+            self.name, lambda: float(self.pool.size), lambda: 1.0 if self.healthy else 0.0
+        )
+        self.metrics.effective_rate.set(rate or math.inf)
 
     def __repr__(self) -> str:
-        return f"<Upstream {self.name} weight={self.config.weight} {self.breaker!r} {self.pool!r}>"
+        return (
+            f"<Upstream {self.name} weight={self.config.weight} healthy={self.healthy}"
+            f" {self.breaker!r} {self.pool!r}>"
+        )
+
+    @property
+    def effective_rate(self) -> float | None:
+        return self.aimd.effective if self.aimd else None
 
     def candidate(self, now: float) -> Candidate:
-        return Candidate(
-            self.name, self.config.weight, self.config.backup, self.breaker.eligible(now)
+        eligible = (
+            self.healthy
+            and self.breaker.eligible(now)
+            and not (self.quota is not None and self.quota.exhausted(now))
         )
+        weight = slow_start_weight(
+            self.config.weight, now - self.in_service_since, self.config.slow_start_s
+        )
+        ready_at = self.bucket.ready_at(now) if self.bucket else 0.0
+        return Candidate(self.name, weight, self.config.backup, eligible, ready_at)
 
     async def send(
         self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool, body_8bit: bool
@@ -87,6 +123,14 @@ class Upstream:
         raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The upstream chosen for one attempt, and the breaker ticket to report back with."""
+
+    upstream: Upstream
+    ticket: int
+
+
 class Registry:
     def __init__(
         self,
@@ -96,10 +140,14 @@ class Registry:
         *,
         local_hostname: str,
         timeout_s: float,
+        rng: random.Random | None = None,
     ) -> None:
         self._clock = clock
+        rand = (rng or random.Random()).random
         self._by_name = {
-            u.name: Upstream(u, breaker, clock, local_hostname=local_hostname, timeout_s=timeout_s)
+            u.name: Upstream(
+                u, breaker, clock, local_hostname=local_hostname, timeout_s=timeout_s, rand=rand
+            )
             for u in upstreams
         }
         self._selection = SmoothWeighted()
@@ -111,35 +159,73 @@ class Registry:
     def __getitem__(self, name: str) -> Upstream:
         return self._by_name[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Upstream]:
         return iter(self._by_name.values())
 
-    def choose(self, now: float, avoid: frozenset[str]) -> Upstream | None:
-        """The next upstream for a message, or None if every eligible one is in `avoid`."""
+    def choose(self, now: float, avoid: frozenset[str]) -> Pick | Choice:
+        """An upstream for the next attempt (token and quota taken, breaker told), or why not."""
         candidates = [u.candidate(now) for u in self._by_name.values()]
-        name = self._selection.choose(candidates, avoid)
-        if name is None:
-            return None
-        upstream = self._by_name[name]
-        self._log(upstream, upstream.breaker.begin(now))
-        return upstream
+        choice = self._selection.choose(candidates, now, avoid)
+        if not choice.name:
+            return choice
+        upstream = self._by_name[choice.name]
+        if upstream.bucket is not None:
+            upstream.bucket.take(now)
+        if upstream.quota is not None:
+            upstream.quota.record(now)
+        ticket, change = upstream.breaker.begin(now)
+        self._log(upstream, change)
+        return Pick(upstream, ticket)
 
-    def any_eligible(self, now: float) -> bool:
-        return any(u.breaker.eligible(now) and u.config.weight > 0 for u in self._by_name.values())
-
-    def next_opening(self) -> float | None:
-        """The earliest time an OPEN breaker will let a probe through."""
-        times = [t for u in self._by_name.values() if (t := u.breaker.retry_at()) is not None]
+    def next_opening(self, now: float) -> float | None:
+        """The earliest time an upstream that cannot take mail now might: breaker or quota."""
+        times = []
+        for u in self._by_name.values():
+            if (t := u.breaker.retry_at()) is not None:
+                times.append(t)
+            if u.quota is not None and u.quota.exhausted(now):
+                times.append(u.quota.frees_at(now))
         return min(times) if times else None
 
-    def record_success(self, upstream: Upstream) -> None:
-        change = upstream.breaker.record_success(self._clock.monotonic())
-        self._log(upstream, change)
-        if change is not None:
+    def record(self, pick: Pick, signal: Signal, reason: str) -> None:
+        """What the attempt said about the upstream: feeds its breaker and rate controller."""
+        upstream, now = pick.upstream, self._clock.monotonic()
+        if signal is Signal.SUCCESS:
+            change = upstream.breaker.record_success(now, pick.ticket)
+            self._log(upstream, change)
+            if change is not None:  # closed again: back in service, ramping up
+                upstream.in_service_since = now
+                self.on_recovery()
+            if upstream.aimd is not None and upstream.aimd.on_success():
+                self._set_rate(upstream, now)
+        elif signal in (Signal.FAILURE, Signal.THROTTLED):
+            self._log(upstream, upstream.breaker.record_failure(now, reason, pick.ticket))
+            aimd = upstream.aimd
+            if signal is Signal.THROTTLED and aimd is not None and aimd.on_throttle(now):
+                log.warning(
+                    "upstream.throttled upstream=%s effective_rate=%.2f/s reason=%s",
+                    upstream.name,
+                    aimd.effective,
+                    reason,
+                )
+                self._set_rate(upstream, now)
+
+    def on_health(self, name: str, healthy: bool, reason: str) -> None:
+        """The active health check flipped: the health checker already logged it."""
+        upstream = self._by_name.get(name)
+        if upstream is None or upstream.healthy is healthy:
+            return
+        upstream.healthy = healthy
+        if healthy:
+            now = self._clock.monotonic()
+            upstream.in_service_since = now
+            self._log(upstream, upstream.breaker.expedite(now, "health check passed"))
             self.on_recovery()
 
-    def record_failure(self, upstream: Upstream, reason: str) -> None:
-        self._log(upstream, upstream.breaker.record_failure(self._clock.monotonic(), reason))
+    def _set_rate(self, upstream: Upstream, now: float) -> None:
+        assert upstream.aimd is not None and upstream.bucket is not None
+        upstream.bucket.set_rate(upstream.aimd.effective, now)
+        upstream.metrics.effective_rate.set(upstream.aimd.effective)
 
     def _log(self, upstream: Upstream, change: Transition | None) -> None:
         if change is None:
@@ -153,7 +239,7 @@ class Registry:
             change.new,
             change.reason,
         )
-        set_breaker_state(upstream.name, change.new.value, _STATES)
+        metrics.set_breaker_state(upstream.name, change.new.value, _STATES)
 
     async def close(self) -> None:
         for upstream in self._by_name.values():

@@ -13,22 +13,25 @@ from typing import Any
 from smtpbalancer import config
 from smtpbalancer.config import Config
 
+Upstreams = (
+    list[tuple[str, tuple[str, int], int]] | list[tuple[str, tuple[str, int], int, dict[str, Any]]]
+)
+
 
 def config_mapping(
-    spool: Path,
-    upstreams: list[tuple[str, tuple[str, int], int]],
-    **sections: dict[str, Any],
+    spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any]
 ) -> dict[str, Any]:
     """A config as a TOML-shaped mapping: loopback, ephemeral ports, fast retries."""
     raw: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "hostname": "proxy.test", "drain_timeout": "5s"},
-        "spool": {"directory": str(spool), "min_free_disk": 0},
+        "spool": {"directory": str(spool_dir), "min_free_disk": 0},
         "delivery": {"retry_initial": "200ms", "retry_max": "1s", "timeout": "5s"},
         "metrics": {"listen": ""},
         "circuit_breaker": {"failure_threshold": 3, "open_for": "500ms"},
         "upstream": [
-            {"name": name, "address": f"{addr[0]}:{addr[1]}", "weight": weight}
-            for name, addr, weight in upstreams
+            {"name": up[0], "address": f"{up[1][0]}:{up[1][1]}", "weight": up[2], **extra}
+            for up in upstreams
+            for extra in [up[3] if len(up) > 3 else {}]  # type: ignore[misc]
         ],
     }
     for section, values in sections.items():
@@ -36,10 +39,8 @@ def config_mapping(
     return raw
 
 
-def make_config(
-    spool: Path, upstreams: list[tuple[str, tuple[str, int], int]], **sections: dict[str, Any]
-) -> Config:
-    return config.from_mapping(config_mapping(spool, upstreams, **sections))
+def make_config(spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any]) -> Config:
+    return config.from_mapping(config_mapping(spool_dir, upstreams, **sections))
 
 
 def to_toml(raw: dict[str, Any]) -> str:
