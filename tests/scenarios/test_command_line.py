@@ -83,5 +83,6 @@ def test_demo_delivers_every_accepted_message_and_exits_0() -> None:
     done = smtpbalancer("demo", "--messages", "400", "--clients", "8", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "delivered = accepted" in done.stdout
+    assert "Events (breaker, health, throttling)" in done.stdout
     for relay in ("relay-a", "relay-b", "relay-c"):
         assert relay in done.stdout
