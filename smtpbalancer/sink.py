@@ -135,13 +135,18 @@ class Sink:
         if server is None:
             return
         server.close()
-        live = list(self._live)
-        for protocol in live:
-            protocol.abort()
-        await server.wait_closed()
-        sessions = [p.session_task for p in live if p.session_task is not None]
+        aborted: set[_SinkProtocol] = set()
+        closed = asyncio.ensure_future(server.wait_closed())
+        # A connection accepted just before close() may not have reached connection_made
+        # yet; keep aborting newcomers until the server has no connection left.
+        while not closed.done():
+            for protocol in self._live - aborted:
+                protocol.abort()
+                aborted.add(protocol)
+            await asyncio.wait([closed], timeout=0.05)
+        sessions = [p.session_task for p in aborted if p.session_task is not None]
         await asyncio.gather(*sessions, return_exceptions=True)
-        log.info("sink.stopped name=%s aborted=%d %s", self.name, len(live), self.summary())
+        log.info("sink.stopped name=%s aborted=%d %s", self.name, len(aborted), self.summary())
 
     @property
     def address(self) -> tuple[str, int]:
