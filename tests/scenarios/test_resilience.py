@@ -207,3 +207,40 @@ async def test_one_flapping_relay_in_three_loses_nothing_and_duplicates_nothing(
     print(f"flapper {flapper.messages}, fa {a.messages}, fb {b.messages} of {len(acked)}")
     assert len(acked) == 5000
     assert sorted(delivered) == sorted(acked), "zero loss, zero duplicates"
+
+
+async def test_an_exhausted_daily_quota_skips_the_relay_without_marking_it_sick(
+    tmp_path: Path, sinks
+) -> None:
+    capped, other = await sinks("capped"), await sinks("uncapped")
+    cfg = make_config(
+        tmp_path / "spool",
+        [("capped", capped.address, 5, {"daily_quota": 5}), ("uncapped", other.address, 1)],
+    )
+    async with App(cfg) as app:
+        await blast(app.smtp_address[1], 30, clients=2)
+        await wait_until(lambda: app.store.messages == 0 and capped.messages + other.messages == 30)
+        upstream = app.registry["capped"]
+        assert upstream.healthy and upstream.breaker.state is BreakerState.CLOSED
+    assert capped.messages == 5
+    assert other.messages == 25
+
+
+async def test_large_envelopes_are_split_and_every_recipient_delivered_once(
+    tmp_path: Path, sinks
+) -> None:
+    relay = await sinks("split")
+    cfg = make_config(
+        tmp_path / "spool", [("split", relay.address, 1, {"max_recipients_per_message": 50})]
+    )
+    rcpts = [f"r{n}@rcpt.test" for n in range(120)]
+    async with App(cfg) as app:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=app.smtp_address[1], start_tls=False)
+        await client.connect()
+        _, body = make_message()
+        errors, _ = await client.sendmail("esp@sender.test", rcpts, body)
+        await client.quit()
+        assert errors == {}
+        await wait_until(lambda: app.store.messages == 0)
+    assert [len(m.rcpt_tos) for m in relay.received] == [50, 50, 20]
+    assert sorted(r for m in relay.received for r in m.rcpt_tos) == sorted(rcpts)
