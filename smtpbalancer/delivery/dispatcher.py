@@ -24,7 +24,7 @@ from typing import Any
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.delivery import dsn
-from smtpbalancer.delivery.outcome import Fate, Verdict, classify, merge
+from smtpbalancer.delivery.outcome import Fate, Verdict, classify, merge, not_tried
 from smtpbalancer.delivery.retry import RetryPolicy
 from smtpbalancer.delivery.scheduler import Job, Scheduler
 from smtpbalancer.envelope import Envelope
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 HOT_BODY_BUDGET = 64 * 1024 * 1024
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
-_NOT_TRIED = UpstreamError("-", "not tried", "an earlier transaction of this message failed")
 
 
 class Dispatcher:
@@ -228,9 +227,18 @@ class Dispatcher:
             return None
 
     async def _attempt(self, job: Job, pick: Pick) -> None:
+        reported = False
+        try:
+            reported = await self._send(job, pick)
+        finally:
+            if not reported:  # a half-open breaker must not wait forever for this probe
+                self._registry.abandon(pick)
+
+    async def _send(self, job: Job, pick: Pick) -> bool:
+        """Relay one message; True once the upstream's verdict was recorded."""
         body = await self._body(job)
         if body is None:
-            return
+            return False
         upstream = pick.upstream
         env = job.meta.envelope
         pending = job.progress.pending(env.rcpt_tos)
@@ -243,7 +251,7 @@ class Dispatcher:
         for first in range(0, len(pending), limit):
             chunk = pending[first : first + limit]
             if verdicts and verdicts[-1].signal is not Signal.SUCCESS:
-                verdicts.append(classify(_NOT_TRIED, chunk))
+                verdicts.append(not_tried(chunk))
                 continue
             result: SendResult | UpstreamError
             try:
@@ -263,6 +271,7 @@ class Dispatcher:
         if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
             self._arm_opening_timer()
         await self._settle(job, upstream, verdict, body)
+        return True
 
     async def _settle(self, job: Job, upstream: Upstream, verdict: Verdict, body: bytes) -> None:
         delivered = verdict.having(Fate.DELIVERED)

@@ -118,6 +118,18 @@ def classify(result: SendResult | UpstreamError, rcpts: Sequence[str]) -> Verdic
     return Verdict(fates, replies, signal, result.queue_id, reason)
 
 
+_NOT_TRIED = Reply(451, "4.4.2", "not tried: an earlier transaction of this message failed")
+
+
+def not_tried(rcpts: Sequence[str]) -> Verdict:
+    """Recipients of a split message left for later after an earlier chunk failed."""
+    return Verdict(
+        fates={r: Fate.DEFER for r in rcpts},
+        replies={r: _NOT_TRIED for r in rcpts},
+        signal=Signal.NEUTRAL,
+    )
+
+
 _WORST_FIRST = (Signal.FAILURE, Signal.THROTTLED, Signal.NEUTRAL)
 
 

@@ -113,6 +113,11 @@ class Breaker:
             return self._move(BreakerState.HALF_OPEN, now, reason)
         return None
 
+    def abandon(self, ticket: int) -> None:
+        """An attempt ended without an outcome (nothing was sent): free the probe slot."""
+        if self._state is BreakerState.HALF_OPEN and ticket == self._probe:
+            self._probe = None
+
     def record_success(self, now: float, ticket: int) -> Transition | None:
         if self._state is BreakerState.HALF_OPEN and ticket == self._probe:
             self._reopens = 0

@@ -210,6 +210,10 @@ class Registry:
                 )
                 self._set_rate(upstream, now)
 
+    def abandon(self, pick: Pick) -> None:
+        """The attempt sent nothing (body unreadable, cancelled): no verdict on the relay."""
+        pick.upstream.breaker.abandon(pick.ticket)
+
     def on_health(self, name: str, healthy: bool, reason: str) -> None:
         """The active health check flipped: the health checker already logged it."""
         upstream = self._by_name.get(name)

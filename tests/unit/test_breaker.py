@@ -115,3 +115,12 @@ def test_repr_shows_state_and_counts() -> None:
     b = breaker()
     fail(b, 0.0, times=2)
     assert repr(b) == "<Breaker closed since=0.0 failures=2 open_for=10.0s probing=False>"
+
+
+def test_an_abandoned_probe_frees_the_half_open_slot() -> None:
+    b = breaker()
+    fail(b, 0.0, times=3)
+    probe, _ = b.begin(10.0)
+    assert not b.eligible(10.0)
+    b.abandon(probe)  # nothing was sent (e.g. the body could not be read)
+    assert b.eligible(10.0) and b.state is HALF

@@ -12,6 +12,7 @@ from smtpbalancer.delivery.outcome import (
     classify,
     is_throttling,
     merge,
+    not_tried,
 )
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import Reply, SendResult
@@ -197,3 +198,10 @@ def test_merge_keeps_every_recipient_and_the_worst_signal() -> None:
     assert merged.fates == {A: Fate.DELIVERED, B: Fate.DEFER}
     assert merged.signal is Signal.FAILURE
     assert merged.reason == "data: 451 4.3.0 try later"
+
+
+def test_not_tried_chunks_defer_without_blaming_the_relay() -> None:
+    throttled = classify(SES_THROTTLE, [A])
+    merged = merge([throttled, not_tried([B])])
+    assert merged.fates == {A: Fate.DEFER, B: Fate.DEFER}
+    assert merged.signal is Signal.THROTTLED, "the throttle still cuts the rate"
