@@ -178,10 +178,17 @@ class Registry:
         return Pick(upstream, ticket)
 
     def next_opening(self, now: float) -> float | None:
-        """The earliest time an upstream that cannot take mail now might: breaker or quota."""
+        """The earliest future time a healthy upstream that cannot take mail now might.
+
+        Unhealthy upstreams are left out: their recovery is announced by the health
+        checker (on_recovery). Times already past are left out too: a timer for them
+        would fire at once and spin.
+        """
         times = []
         for u in self._by_name.values():
-            if (t := u.breaker.retry_at()) is not None:
+            if not u.healthy:
+                continue
+            if (t := u.breaker.retry_at()) is not None and t > now:
                 times.append(t)
             if u.quota is not None and u.quota.exhausted(now):
                 times.append(u.quota.frees_at(now))

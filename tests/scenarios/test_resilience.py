@@ -244,3 +244,40 @@ async def test_large_envelopes_are_split_and_every_recipient_delivered_once(
         await wait_until(lambda: app.store.messages == 0)
     assert [len(m.rcpt_tos) for m in relay.received] == [50, 50, 20]
     assert sorted(r for m in relay.received for r in m.rcpt_tos) == sorted(rcpts)
+
+
+async def test_no_spinning_while_every_relay_is_down(tmp_path: Path, sinks) -> None:
+    """Queued mail waits in the spool without burning CPU, and moves once a relay is back."""
+    import socket
+    import time
+
+    def dead() -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return ("127.0.0.1", s.getsockname()[1])
+
+    first, second = dead(), dead()
+    cfg = make_config(
+        tmp_path / "spool",
+        [("down-1", first, 1), ("down-2", second, 1)],
+        health_check=FAST_HEALTH,
+        circuit_breaker={"failure_threshold": 2, "open_for": "200ms", "max_open_for": "400ms"},
+    )
+    async with App(cfg) as app:
+        await blast(app.smtp_address[1], 200, clients=4)
+        await wait_until(lambda: not app.registry["down-1"].healthy)
+        await wait_until(lambda: not app.registry["down-2"].healthy)
+        await asyncio.sleep(0.5)  # breakers' open periods run out while still unhealthy
+        cpu_before, wall_before = time.process_time(), time.monotonic()
+        await asyncio.sleep(2.0)
+        cpu = time.process_time() - cpu_before
+        wall = time.monotonic() - wall_before
+        print(f"CPU {cpu:.2f}s over {wall:.1f}s with 200 queued and every relay down")
+        assert cpu < 0.25 * wall, "waiting mail must not burn CPU"
+        assert app.store.messages == 200
+
+        relay = await sinks("back")
+        await relay.stop()
+        await relay.start(*first)
+        await wait_until(lambda: app.store.messages == 0, timeout=10)
+    assert relay.messages == 200
