@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from types import TracebackType
 
-from smtpbalancer import metrics
+from smtpbalancer import metrics, tls
 from smtpbalancer.clock import Clock, SystemClock
 from smtpbalancer.config import Config
 from smtpbalancer.delivery.dispatcher import Dispatcher
@@ -22,6 +23,7 @@ from smtpbalancer.delivery.scheduler import Scheduler
 from smtpbalancer.envelope import Envelope, QueueIds
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.frontend.admission import Limits
+from smtpbalancer.frontend.auth import Authenticator
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.frontend.server import FrontEnd
 from smtpbalancer.spool import recovery
@@ -81,6 +83,7 @@ class App:
                     u.port,
                     local_hostname=cfg.server.hostname,
                     timeout_s=cfg.health_check.timeout_s,
+                    security=self.registry[u.name].security,  # same TLS, never AUTH
                 )
                 for u in cfg.upstreams
             },
@@ -104,6 +107,7 @@ class App:
         )
         self.submitter = Submitter(self.store, self.dispatcher, self.clock)
         self.capacity = Capacity(cfg.spool, lambda: self.store.bytes, self.clock)
+        self.tls_context, self.authenticator = self._security()
         self.handler = Handler(
             hostname=cfg.server.hostname,
             limits=Limits(
@@ -111,12 +115,20 @@ class App:
                 cfg.server.allow_networks,
                 tarpit_above_percent=cfg.spool.tarpit_above_percent,
                 tarpit_delay_s=cfg.spool.tarpit_delay_s,
+                auth_offered=self.authenticator is not None,
             ),
             submitter=self.submitter,
             pressure=self.capacity,
             clock=self.clock,
+            auth=self.authenticator,
         )
-        self.frontend = FrontEnd(cfg.server, self.handler, self.clock)
+        self.frontend = FrontEnd(
+            cfg.server,
+            self.handler,
+            self.clock,
+            tls=self.tls_context,
+            auth=self.authenticator is not None,
+        )
         self.smtp_address: tuple[str, int] = ("", 0)
         self.metrics_address: tuple[str, int] | None = None
         self.recovered = 0
@@ -160,6 +172,12 @@ class App:
             self._metrics_server = server
             self.metrics_address = (self.config.metrics.host, server.server_port)
         self.smtp_address = await self.frontend.start()
+        if self.tls_context is not None:
+            log.info(
+                "smtp.security starttls=on implicit_tls=%s auth=%s",
+                "{}:{}".format(*self.frontend.tls_address) if self.frontend.tls_address else "off",
+                self.authenticator or "off",
+            )
         log.info(
             "smtpbalancer.ready smtp=%s:%d metrics=%s spool=%s upstreams=%d recovered=%d pid=%d",
             *self.smtp_address,
@@ -171,6 +189,34 @@ class App:
             self.recovered,
             os.getpid(),
         )
+
+    def _security(self) -> tuple[ssl.SSLContext | None, Authenticator | None]:
+        """The listeners' TLS context and the AUTH users (config validated both files)."""
+        server = self.config.server
+        context = None
+        if server.tls_cert is not None and server.tls_key is not None:
+            context = tls.server_context(server.tls_cert, server.tls_key)
+        auth = None
+        if server.users_file is not None:
+            auth = Authenticator.from_file(server.users_file, server, self.clock)
+        return context, auth
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: load the certificate and key again into the live context.
+
+        New handshakes use the new certificate; on any error the old one stays and
+        the error is logged. Returns True when the new certificate is in use.
+        """
+        server = self.config.server
+        if self.tls_context is None or server.tls_cert is None or server.tls_key is None:
+            return False
+        try:
+            tls.reload_server_context(self.tls_context, server.tls_cert, server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("tls.reload_failed cert=%s error=%s keeping=old", server.tls_cert, exc)
+            return False
+        log.info("tls.reloaded cert=%s", server.tls_cert)
+        return True
 
     def request_stop(self) -> None:
         self._stop_requested.set()

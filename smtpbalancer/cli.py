@@ -1,4 +1,4 @@
-"""Command line: `smtpbalancer serve|check-config|sink|demo|version`.
+"""Command line: `smtpbalancer serve|check-config|passwd|sink|demo|version`.
 
 Picks the event loop (uvloop unless `--loop asyncio`), sets up logging on
 stderr, maps errors to exit codes: 0 ok, 1 runtime failure, 2 usage or
@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--clients", type=int, default=20)
     demo.add_argument("--keep-spool", type=Path, default=None, help="spool here, not in a temp dir")
 
+    passwd = sub.add_parser(
+        "passwd", help="print a users_file line for USER; the password is read from stdin"
+    )
+    passwd.add_argument("user")
+
     sub.add_parser("version", help="print the version")
     return p
 
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.config)
     if command == "serve":
         return _serve(args.config, args.loop)
+    if command == "passwd":
+        return _passwd(args.user)
     if command == "sink":
         from smtpbalancer.sink import run_sink
 
@@ -120,6 +127,8 @@ def _serve(path: Path, loop_name: str) -> int:
 
     async def serve() -> int:
         app = App(cfg)
+        # Before start: the ready line may make a supervisor send SIGHUP at once.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app.reload_tls)
         try:
             await app.start()
         except SpoolError as exc:
@@ -137,6 +146,29 @@ def _serve(path: Path, loop_name: str) -> int:
         return 0
 
     return _run(serve, loop_name)
+
+
+def _passwd(user: str) -> int:
+    """Print `user:scrypt$...`; the password never comes from argv (ps, shell history)."""
+    from smtpbalancer import passwords
+
+    if not passwords.valid_user(user):
+        print("error: a user name has no white space or ':'", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"Password for {user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 2
+    print(f"{user}:{passwords.hash_password(password.encode('utf-8'))}")
+    return 0
 
 
 def _run(factory: Callable[[], Coroutine[Any, Any, Any]], loop_name: str) -> int:

@@ -10,16 +10,20 @@ Sizes: an integer of bytes or "100KB", "50MB", "1GiB" (KB/MB/GB are powers of
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import math
+import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
+from smtpbalancer import passwords
 from smtpbalancer.errors import ConfigError
 
 T = TypeVar("T")
@@ -52,6 +56,26 @@ class ServerConfig:
     )
     idle_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
+    # Line discipline and session bounds (frontend/guard.py, frontend/hardening.py).
+    data_timeout_s: float = 600.0  # the whole DATA phase, from the DATA command to the final dot
+    greet_pause_s: float = 0.0  # wait this long before the greeting; talkers get 554 (0 = off)
+    max_unknown_commands: int = 5  # unknown or malformed command lines, then 421 4.7.0 + close
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header
+    trusted_proxies: tuple[Network, ...] = ()  # the only peers allowed to send that header
+    # Inbound TLS and AUTH (frontend/auth.py, tls.py): STARTTLS when cert and key are set,
+    # an implicit-TLS listener on tls_listen, AUTH PLAIN/LOGIN (after TLS) when users_file is set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_listen: tuple[str, int] | None = None
+    users_file: Path | None = None
+    auth_max_failures: int = 3  # per connection; that failure is answered 421 4.7.0 + close
+    auth_max_failures_per_client: int = 10  # per IP within auth_failure_window
+    auth_failure_window_s: float = 300.0
+    auth_failure_delay_s: float = 1.0  # before each failure reply
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +117,15 @@ class BreakerConfig:
     max_open_for_s: float = 300.0  # open_for doubles on each re-open up to this
 
 
+class UpstreamTls(enum.StrEnum):
+    """How an upstream session is protected (`[[upstream]] tls`)."""
+
+    NONE = "none"  # plaintext, never STARTTLS
+    STARTTLS = "starttls"  # required: not offered or a failed handshake breaks the session
+    IMPLICIT = "implicit"  # TLS from the first byte (port 465 style)
+    OPPORTUNISTIC = "opportunistic"  # STARTTLS when advertised, plaintext otherwise
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamConfig:
     name: str
@@ -106,6 +139,11 @@ class UpstreamConfig:
     rate_per_s: float | None = None  # from "14/s", "600/m", "1000/h"; None = unlimited
     daily_quota: int | None = None  # messages per rolling 24 h; None = unlimited
     slow_start_s: float = 30.0
+    tls: UpstreamTls = UpstreamTls.OPPORTUNISTIC
+    tls_verify: bool = True  # chain and host name (the address host) are checked
+    tls_ca: Path | None = None  # trust only this CA bundle; None = the system store
+    username: str | None = None  # AUTH after TLS; never mixed: each upstream has its own pool
+    password: str | None = field(default=None, repr=False)  # from password_env / password_file
 
     @property
     def endpoint(self) -> str:
@@ -396,11 +434,72 @@ def _server(keys: _Keys) -> ServerConfig:
         allow_networks=keys.networks("allow_networks", d.allow_networks),
         idle_timeout_s=keys.duration("idle_timeout", d.idle_timeout_s, positive=True),
         drain_timeout_s=keys.duration("drain_timeout", d.drain_timeout_s),
+        **_server_security(keys, d),
+        **_server_hardening(keys, d),
     )
     if any(c in cfg.hostname for c in " \t\r\n"):
         keys.problem("hostname", "must not contain white space")
     keys.reject_unknown()
     return cfg
+
+
+def _server_hardening(keys: _Keys, d: ServerConfig) -> dict[str, Any]:
+    """Session bounds and PROXY protocol keys of [server]."""
+    proxy_protocol = keys.boolean("proxy_protocol", d.proxy_protocol)
+    trusted = keys.networks("trusted_proxies", d.trusted_proxies)
+    if proxy_protocol and not trusted:
+        keys.problem("trusted_proxies", "required when proxy_protocol = true")
+    return {
+        "data_timeout_s": keys.duration("data_timeout", d.data_timeout_s, positive=True),
+        "greet_pause_s": keys.duration("greet_pause", d.greet_pause_s),
+        "max_unknown_commands": keys.integer("max_unknown_commands", d.max_unknown_commands, low=1),
+        "proxy_protocol": proxy_protocol,
+        "trusted_proxies": trusted,
+    }
+
+
+def _server_security(keys: _Keys, d: ServerConfig) -> dict[str, Any]:
+    """The TLS and AUTH keys of [server]; the files must exist and load."""
+    cert, key = _optional_path(keys, "tls_cert"), _optional_path(keys, "tls_key")
+    if (cert is None) != (key is None):
+        keys.problem("tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together")
+    elif cert is not None and key is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            keys.problem("tls_cert", f"cannot load certificate and key: {exc}")
+    tls_listen = None
+    if keys._raw.get("tls_listen") is not None:
+        tls_listen = keys.hostport("tls_listen", None)
+        if cert is None:
+            keys.problem("tls_listen", "needs server.tls_cert and server.tls_key")
+    users_file = _optional_path(keys, "users_file")
+    if users_file is not None:
+        if cert is None:
+            keys.problem("users_file", "AUTH needs TLS: set server.tls_cert and server.tls_key")
+        try:
+            passwords.parse_users(users_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            keys.problem("users_file", str(exc))
+    return {
+        "tls_cert": cert,
+        "tls_key": key,
+        "tls_listen": tls_listen,
+        "users_file": users_file,
+        "auth_max_failures": keys.integer("auth_max_failures", d.auth_max_failures, low=1),
+        "auth_max_failures_per_client": keys.integer(
+            "auth_max_failures_per_client", d.auth_max_failures_per_client, low=1
+        ),
+        "auth_failure_window_s": keys.duration("auth_failure_window", d.auth_failure_window_s),
+        "auth_failure_delay_s": keys.duration("auth_failure_delay", d.auth_failure_delay_s),
+    }
+
+
+def _optional_path(keys: _Keys, key: str) -> Path | None:
+    if keys._raw.get(key) is None:
+        keys._get(key)
+        return None
+    return Path(keys.text(key))
 
 
 def _spool(keys: _Keys) -> SpoolConfig:
@@ -488,6 +587,7 @@ def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
             rate_per_s=keys.optional_rate("rate"),
             daily_quota=keys.optional_integer("daily_quota", low=1),
             slow_start_s=keys.duration("slow_start", 30.0),
+            **_upstream_security(keys, host),
         )
         keys.reject_unknown()
         if cfg.name in names:
@@ -499,3 +599,104 @@ def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
     if raw and not any(u.weight > 0 for u in result):
         problems.append("upstream: at least one upstream needs weight > 0")
     return tuple(result)
+
+
+# --- outbound TLS and credentials ------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for "localhost" and loopback IP literals: the only peers plaintext AUTH may go to."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_upstream_tls(value: object) -> UpstreamTls:
+    for mode in UpstreamTls:
+        if value == mode.value:
+            return mode
+    choices = ", ".join(repr(m.value) for m in UpstreamTls)
+    raise ValueError(f"expected one of {choices}, got {value!r}")
+
+
+def _upstream_security(keys: _Keys, host: str) -> dict[str, Any]:
+    """tls, tls_verify, tls_ca, username and the password (resolved from env or file)."""
+    tls = keys._convert("tls", UpstreamTls.OPPORTUNISTIC, parse_upstream_tls)
+    verify = keys.boolean("tls_verify", True)
+    ca_text = keys.text("tls_ca", "")
+    ca = Path(ca_text) if ca_text else None
+    if ca is not None:
+        if tls is UpstreamTls.NONE:
+            keys.problem("tls_ca", 'has no effect with tls = "none"')
+        elif not verify:
+            keys.problem("tls_ca", "has no effect with tls_verify = false")
+        else:
+            _check_ca_file(keys, ca)
+    username = keys.text("username", "") or None
+    password = _password(keys, username)
+    if username is not None and tls is UpstreamTls.NONE and not is_loopback_host(host):
+        keys.problem(
+            "tls",
+            'credentials would cross the network in clear: use tls = "starttls" or "implicit"'
+            " (plaintext AUTH is allowed only to a loopback address)",
+        )
+    return {
+        "tls": tls,
+        "tls_verify": verify,
+        "tls_ca": ca,
+        "username": username,
+        "password": password,
+    }
+
+
+def _check_ca_file(keys: _Keys, ca: Path) -> None:
+    try:
+        ssl.create_default_context(cafile=ca)
+    except ssl.SSLError:  # before OSError, its base class
+        keys.problem("tls_ca", f"{ca} holds no usable PEM certificate")
+    except OSError as exc:
+        keys.problem("tls_ca", f"cannot read {ca}: {exc.strerror}")
+
+
+def _password(keys: _Keys, username: str | None) -> str | None:
+    """The secret named by password_env or password_file; never an inline `password`."""
+    inline = keys._raw.get("password") is not None
+    if inline:
+        keys._get("password")
+        keys.problem(
+            "password",
+            'inline passwords are not accepted: use password_env = "VAR" or'
+            ' password_file = "/path"',
+        )
+    env = keys.text("password_env", "") or None
+    file = keys.text("password_file", "") or None
+    if inline and env is None and file is None:
+        return None  # one problem is enough
+    if env is not None and file is not None:
+        keys.problem("password_file", "give password_env or password_file, not both")
+        return None
+    source = "password_env" if env is not None else "password_file" if file is not None else ""
+    if username is None:
+        if source:
+            keys.problem(source, "needs username")
+        return None
+    if env is not None:
+        secret = os.environ.get(env)
+        if not secret:
+            keys.problem("password_env", f"environment variable {env!r} is not set or empty")
+        return secret or None
+    if file is not None:
+        try:
+            secret = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            keys.problem("password_file", f"cannot read {file}: {why}")
+            return None
+        if not secret:
+            keys.problem("password_file", f"{file} is empty")
+        return secret or None
+    keys.problem("username", "needs password_env or password_file")
+    return None

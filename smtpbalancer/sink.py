@@ -12,6 +12,10 @@ Invariants:
 - Bodies are kept as received (`original_content`, dot-unstuffed) and never decoded.
 - `stop()` closes the listener and aborts every open connection, and returns only
   once their session tasks have finished.
+- With `tls_context` it offers STARTTLS (or, with `implicit_tls`, wraps the listener
+  in TLS); with `users` it requires AUTH PLAIN/LOGIN before MAIL (after STARTTLS
+  when STARTTLS is offered). Each SinkMessage records whether its session was
+  encrypted and which user authenticated, so tests can assert both.
 
 It must stay fast: nothing per message is logged above DEBUG, and the only disk
 work (Maildir) runs in a thread, one write at a time.
@@ -20,16 +24,18 @@ work (Maildir) runs in a thread, one write at a time.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import mailbox
 import random
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeAlias, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpbalancer.replies import OK_RECIPIENT, OK_SENDER, Reply, queued
 
@@ -40,6 +46,7 @@ SUMMARY_EVERY_S: Final = 5.0
 
 INJECTED_TEMPFAIL: Final = Reply(451, "4.3.0", "Temporary failure (injected)")
 INJECTED_PERMFAIL: Final = Reply(550, "5.1.1", "Recipient rejected (injected)")
+AUTH_REQUIRED: Final = Reply(530, "5.7.0", "Authentication required")
 
 # mailbox.Maildir names its temporary files from a class-level counter that is not
 # thread-safe, so concurrent add() calls from two sinks in one process could clash.
@@ -55,6 +62,8 @@ class SinkMessage:
     data: bytes  # envelope.original_content exactly as received (after dot-unstuffing)
     connection: int  # serial number of the TCP connection it arrived on
     received_mono: float  # loop.time() at end of DATA
+    tls: bool = False  # the session was encrypted (STARTTLS or implicit TLS)
+    user: str | None = None  # who authenticated, if anyone
 
 
 RcptRule: TypeAlias = Callable[[str], str | None]  # reply line to refuse, None to accept
@@ -78,7 +87,12 @@ class Sink:
         mail_rule: RcptRule | None = None,
         seed: int | None = None,
         hostname: str = "sink.test",
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
+        if implicit_tls and tls_context is None:
+            raise ValueError(f"sink {name}: implicit_tls needs a tls_context")
         for label, rate in (("tempfail_rate", tempfail_rate), ("permfail_rate", permfail_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"sink {name}: {label} must be within [0, 1], got {rate}")
@@ -99,6 +113,9 @@ class Sink:
         self.mail_rule = mail_rule
         self._data_rule = data_rule
         self._random = random.Random(seed)
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.users = dict(users) if users is not None else None
         self._hooks = _Hooks(self)
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
@@ -111,6 +128,7 @@ class Sink:
         self.connections = 0
         self.tempfails = 0
         self.permfails = 0
+        self.auth_failures = 0
         self.received: list[SinkMessage] = []
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -123,7 +141,10 @@ class Sink:
                 mailbox.Maildir, self._maildir_path, create=True
             )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _SinkProtocol(self, loop), host, port)
+        listener_tls = self.tls_context if self.implicit_tls else None
+        self._server = await loop.create_server(
+            lambda: _SinkProtocol(self, loop), host, port, ssl=listener_tls
+        )
         bound = self._server.sockets[0].getsockname()
         self._address = (str(bound[0]), int(bound[1]))
         log.info("sink.started name=%s address=%s:%d", self.name, *self._address)
@@ -195,7 +216,20 @@ class Sink:
                 return INJECTED_PERMFAIL.line
         return None
 
-    async def _end_of_data(self, connection: int, envelope: Envelope) -> str:
+    def _check_login(self, auth_data: object) -> bool:
+        """Constant-time check of a LoginPassword against `users`; counts failures."""
+        if self.users is not None and isinstance(auth_data, LoginPassword):
+            expected = self.users.get(auth_data.login.decode("utf-8", "replace"))
+            if expected is not None and hmac.compare_digest(
+                expected.encode("utf-8"), auth_data.password
+            ):
+                return True
+        self.auth_failures += 1
+        return False
+
+    async def _end_of_data(
+        self, connection: int, envelope: Envelope, *, tls: bool, user: str | None
+    ) -> str:
         mail_from = envelope.mail_from or ""
         message = SinkMessage(
             mail_from="" if mail_from == "<>" else mail_from,  # aiosmtpd spells null as "<>"
@@ -203,6 +237,8 @@ class Sink:
             data=envelope.original_content or b"",
             connection=connection,
             received_mono=asyncio.get_running_loop().time(),
+            tls=tls,
+            user=user,
         )
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
@@ -239,6 +275,7 @@ class _SinkProtocol(SMTP):
     """aiosmtpd's SMTP protocol, remembering its connection so `Sink.stop` can abort it."""
 
     def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
+        starttls = sink.tls_context is not None and not sink.implicit_tls
         super().__init__(
             sink._hooks,
             data_size_limit=DATA_SIZE_LIMIT,
@@ -246,6 +283,12 @@ class _SinkProtocol(SMTP):
             decode_data=False,
             hostname=sink.hostname,
             ident="smtpbalancer-sink",
+            tls_context=sink.tls_context if starttls else None,
+            # AUTH only after STARTTLS when STARTTLS is offered; an implicit-TLS or a
+            # plaintext (loopback test) sink offers it at once. MAIL checks it (handle_MAIL):
+            # aiosmtpd's own auth_required warns when TLS is not also required.
+            auth_require_tls=starttls or sink.users is None,
+            authenticator=_authenticator if sink.users is not None else None,
             loop=loop,
         )
         self.sink = sink
@@ -275,6 +318,13 @@ class _SinkProtocol(SMTP):
             self._raw_transport.abort()
 
 
+def _authenticator(
+    server: Any, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    ok = cast(_SinkProtocol, server).sink._check_login(auth_data)
+    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
 def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         error = task.exception()
@@ -299,6 +349,8 @@ class _Hooks:
     async def handle_MAIL(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
+        if self._sink.users is not None and not session.authenticated:
+            return AUTH_REQUIRED.line
         rule = self._sink.mail_rule
         if rule is not None and (refusal := rule(address)) is not None:
             return refusal
@@ -318,7 +370,10 @@ class _Hooks:
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         connection: int = server.serial
-        return await self._sink._end_of_data(connection, envelope)
+        tls = self._sink.implicit_tls or session.ssl is not None
+        login: bytes | None = session.login_data if session.authenticated else None
+        user = login.decode("utf-8", "replace") if login is not None else None
+        return await self._sink._end_of_data(connection, envelope, tls=tls, user=user)
 
 
 # --- `smtpbalancer sink` ----------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 No I/O, no clock, no logging: each function returns None to admit or the
 Reply to send. Invariants: never an open relay — a client outside
-`allow_networks` gets 554 5.7.1 at RCPT and nothing is spooled; a full spool
+`allow_networks` that has not authenticated gets 530 5.7.0 at MAIL (when AUTH
+is offered) or 554 5.7.1 at RCPT, and nothing is spooled; a full spool
 or disk is a 452 4.3.1 at MAIL (invariant 5: backpressure is never a 5xx).
 """
 
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 from smtpbalancer import replies
 from smtpbalancer.config import Network
+from smtpbalancer.frontend import hardening
 from smtpbalancer.replies import Reply
 
-_SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -27,6 +28,7 @@ class Limits:
     allow_networks: tuple[Network, ...]
     tarpit_above_percent: float = 0.0  # of the spool's max size; 0 disables the tarpit
     tarpit_delay_s: float = 0.0
+    auth_offered: bool = False  # a users file is configured: outsiders may AUTH to relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +52,20 @@ def may_relay(client_ip: str, networks: Sequence[Network]) -> bool:
     return any(addr in net for net in networks)
 
 
-def on_rcpt(limits: Limits, client_ip: str, recipients_so_far: int) -> Reply | None:
-    if not may_relay(client_ip, limits.allow_networks):
+def on_mail_relay(limits: Limits, client_ip: str, authenticated: bool) -> Reply | None:
+    """Relay policy at MAIL: inside allow_networks, or authenticated, or 530 5.7.0.
+
+    Without a users file there is no AUTH to ask for, so the refusal stays 554 5.7.1 at RCPT.
+    """
+    if authenticated or not limits.auth_offered or may_relay(client_ip, limits.allow_networks):
+        return None
+    return replies.AUTH_REQUIRED  # RFC 4954 §6
+
+
+def on_rcpt(
+    limits: Limits, client_ip: str, recipients_so_far: int, authenticated: bool = False
+) -> Reply | None:
+    if not authenticated and not may_relay(client_ip, limits.allow_networks):
         return replies.RELAY_DENIED
     if recipients_so_far >= limits.max_recipients:
         return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10: 452, the client sends the rest
@@ -88,8 +102,21 @@ def has_control_chars(text: str) -> bool:
     return _CONTROL.search(text) is not None
 
 
+def trace_protocol(*, extended: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:
+    """The Received: `with` keyword: RFC 3848 (ESMTPS, ESMTPA, ESMTPSA), RFC 6531 (UTF8SMTP…)."""
+    if not extended and not smtputf8:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
 def trace_name(helo: str | None) -> str:
-    """The EHLO name as it may appear in our Received: header (invariant 7)."""
-    if not helo:
+    """The EHLO name as it may appear in our Received: header (invariant 7).
+
+    A Domain or address-literal is kept; anything else (control characters,
+    spaces, non-ASCII, bad labels or literals) becomes "unknown". HELO is not
+    policed: the session goes on, only the header is sanitised.
+    """
+    if not helo or not hardening.valid_helo(helo):
         return "unknown"
-    return _SAFE_HELO.sub("?", helo)[:255]
+    return helo

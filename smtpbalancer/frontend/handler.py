@@ -22,8 +22,9 @@ from smtpbalancer import replies
 from smtpbalancer.clock import Clock
 from smtpbalancer.envelope import Envelope
 from smtpbalancer.errors import SpoolError
-from smtpbalancer.frontend import admission
+from smtpbalancer.frontend import admission, hardening
 from smtpbalancer.frontend.admission import Limits, Pressure
+from smtpbalancer.frontend.auth import Authenticator, tls_active
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class Handler:
         submitter: Submitter,
         pressure: PressureSource,
         clock: Clock,
+        auth: Authenticator | None = None,
     ) -> None:
+        self._auth = auth
         self._hostname = hostname
         self._limits = limits
         self._submitter = submitter
@@ -109,7 +112,7 @@ class Handler:
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname  # the 5-argument hook must record it itself
-        extensions = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        extensions = [r[4:] for r in responses[1:] if r[4:].rstrip() not in ("HELP", "AUTH")]
         extensions += ["PIPELINING", "ENHANCEDSTATUSCODES"]
         lines = [responses[0]] + [f"250-{e}" for e in extensions[:-1]]
         return [*lines, f"250 {extensions[-1]}"]
@@ -119,6 +122,11 @@ class Handler:
     ) -> str:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
+        client_ip = _peer_ip(session)
+        refusal = admission.on_mail_relay(self._limits, client_ip, self._authenticated(server))
+        if refusal is not None:
+            log.warning("smtp.auth_required client=%s", client_ip)
+            return refusal.line
         self._release(server)  # left over from a transaction aborted without RSET (e.g. 552)
         size = admission.declared_size(options)
         refusal = admission.on_mail(self._snapshot(), size)
@@ -144,7 +152,9 @@ class Handler:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
         client_ip = _peer_ip(session)
-        refusal = admission.on_rcpt(self._limits, client_ip, len(envelope.rcpt_tos))
+        refusal = admission.on_rcpt(
+            self._limits, client_ip, len(envelope.rcpt_tos), self._authenticated(server)
+        )
         if refusal is not None:
             if refusal is replies.RELAY_DENIED:
                 log.warning(
@@ -158,8 +168,13 @@ class Handler:
         return replies.OK_RECIPIENT.line
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        content: bytes = envelope.original_content
         client_ip = _peer_ip(session)
+        # Bare CR/LF normalised, NUL refused, before spooling (hardening.py, invariant 7).
+        content, refusal = hardening.clean_body(envelope.original_content)
+        if refusal is not None:
+            log.info("smtp.body_refused client=%s reply=%s", client_ip, refusal.status)
+            self._release(server)
+            return refusal.line
         mail_from = envelope.mail_from or ""
         if mail_from == "<>":
             mail_from = ""
@@ -170,7 +185,7 @@ class Handler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
         )
         queue_id = self._submitter.next_queue_id()
-        trace = self._received(session, client_ip, queue_id, env)
+        trace = self._received(server, session, client_ip, queue_id, env)
         try:
             await self._submitter.submit(queue_id, env, trace + content, client_ip)
         except SpoolError as exc:
@@ -199,10 +214,17 @@ class Handler:
             )
         return delay
 
-    def _received(self, session: Any, client_ip: str, queue_id: str, env: Envelope) -> bytes:
+    def _received(
+        self, server: Any, session: Any, client_ip: str, queue_id: str, env: Envelope
+    ) -> bytes:
         """RFC 5321 §4.4 trace header; the EHLO name is sanitised (invariant 7)."""
         helo = admission.trace_name(session.host_name)
-        protocol = "UTF8SMTP" if env.smtputf8 else ("ESMTP" if session.extended_smtp else "SMTP")
+        protocol = admission.trace_protocol(
+            extended=bool(session.extended_smtp),
+            smtputf8=env.smtputf8,
+            tls=tls_active(server),
+            authenticated=self._authenticated(server),
+        )
         date = email.utils.formatdate(self._clock.wall(), usegmt=True)
         for_clause = ""
         if len(env.rcpt_tos) == 1:
@@ -212,6 +234,18 @@ class Handler:
             f" with {protocol} id {queue_id}{for_clause}; {date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
+
+    def _authenticated(self, server: Any) -> bool:
+        return self._auth is not None and self._auth.user(server) is not None
+
+    # aiosmtpd prefers a handler's auth_<MECH> to its built-in one: ours can await the KDF.
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> Any:
+        assert self._auth is not None  # excluded by the listener when no users file is set
+        return await self._auth.plain(server, args)
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> Any:
+        assert self._auth is not None
+        return await self._auth.login(server, args)
 
 
 def _peer_ip(session: Any) -> str:

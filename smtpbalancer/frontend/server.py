@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import re
+import ssl
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -28,6 +30,9 @@ from aiosmtpd.smtp import SMTP
 from smtpbalancer import replies
 from smtpbalancer.clock import Clock
 from smtpbalancer.config import ServerConfig
+from smtpbalancer.frontend import admission
+from smtpbalancer.frontend.auth import tls_active
+from smtpbalancer.frontend.guard import Guard
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.replies import Reply
 
@@ -70,27 +75,40 @@ def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa:
     return out
 
 
-class _Session(SMTP):
+class _Session(Guard):
     def __init__(self, handler: Handler, frontend: FrontEnd, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._handler = handler
         self._frontend = frontend
         self._plain_push = False
-        self._client: str | None = None  # peer IP once admitted; None = refused at connect
+        self._client: str | None = None  # IP counted against max_connections_per_client
+        self._admitted = False  # False = refused at connect: aiosmtpd never saw it
         self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the STARTTLS re-entry
             client = _peer_ip(transport.get_extra_info("peername"))
-            if not self._frontend.admit(self, client):
+            if self.expects_proxy:  # the client is counted once the PROXY header names it
+                refusal = self._frontend.admit_balancer(self, client)
+            elif self._frontend.admit(self, client):
+                refusal, self._client = None, client
+            else:
+                refusal = replies.TOO_MANY_FROM_HOST
+            if refusal is not None:
                 # aiosmtpd never sees this connection: no session, no greeting, no task.
-                _say_and_close(transport, replies.TOO_MANY_FROM_HOST)
+                _say_and_close(transport, refusal)
                 return
-            self._client = client
+            self._admitted = True
         super().connection_made(transport)
 
+    def admit_proxied(self, client: str) -> Reply | None:
+        if not self._frontend.admit(self, client):
+            return replies.TOO_MANY_FROM_HOST
+        self._client = client
+        return None
+
     def connection_lost(self, error: Exception | None) -> None:
-        if self._client is None:
+        if not self._admitted:
             return  # refused in connection_made; aiosmtpd has nothing to clean up
         self._frontend.forget(self, self._client)
         self._handler.connection_closed(self)
@@ -126,6 +144,12 @@ class _Session(SMTP):
             await command
         finally:
             self._plain_push = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if tls_active(self):  # RFC 3207 §4.2: one TLS layer; the implicit listener has one
+            await self.push(replies.TLS_ALREADY_ACTIVE.line)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
@@ -171,7 +195,18 @@ def _say_and_close(transport: asyncio.BaseTransport, reply: Reply) -> None:
 
 
 class FrontEnd:
-    def __init__(self, config: ServerConfig, handler: Handler, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        handler: Handler,
+        clock: Clock,
+        tls: ssl.SSLContext | None = None,
+        auth: bool = False,
+    ) -> None:
+        self._tls = tls  # STARTTLS on the listener, and the implicit-TLS listener's context
+        self._auth = auth  # offer AUTH PLAIN/LOGIN (only once encrypted)
+        self._tls_server: asyncio.Server | None = None
+        self.tls_address: tuple[str, int] | None = None
         self._config = config
         self._handler = handler
         self._clock = clock
@@ -198,8 +233,19 @@ class FrontEnd:
         self.sessions.add(session)
         return True
 
-    def forget(self, session: _Session, client: str) -> None:
+    def admit_balancer(self, session: _Session, peer: str) -> Reply | None:
+        """PROXY protocol: only a trusted balancer may connect (Haraka: DENYSOFT otherwise)."""
+        if not admission.may_relay(peer, self._config.trusted_proxies):
+            self.refused_connections += 1
+            log.warning("smtp.untrusted_proxy peer=%s", peer)
+            return replies.UNTRUSTED_PROXY
+        self.sessions.add(session)
+        return None
+
+    def forget(self, session: _Session, client: str | None) -> None:
         self.sessions.discard(session)
+        if client is None:
+            return
         left = self._per_client[client] - 1
         if left > 0:
             self._per_client[client] = left
@@ -213,9 +259,35 @@ class FrontEnd:
             self._protocol, host=self._config.host, port=self._config.port, backlog=1024
         )
         host, port = self._server.sockets[0].getsockname()[:2]
+        await self._start_implicit_tls(loop)
         return str(host), int(port)
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    async def _start_implicit_tls(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The port-465 style listener (RFC 8314 §3.3): TLS from the first byte."""
+        if self._config.tls_listen is None or self._tls is None:
+            return
+        host, port = self._config.tls_listen
+        self._tls_server = await loop.create_server(
+            functools.partial(self._protocol, implicit_tls=True),
+            host=host,
+            port=port,
+            backlog=1024,
+            ssl=self._tls,
+            ssl_handshake_timeout=min(self._config.idle_timeout_s, 30.0),
+        )
+        tls_host, tls_port = self._tls_server.sockets[0].getsockname()[:2]
+        self.tls_address = (str(tls_host), int(tls_port))
+
+    def _security(self, implicit_tls: bool) -> dict[str, Any]:
+        """aiosmtpd's TLS/AUTH options: AUTH only once encrypted (RFC 4954 §4, RFC 3207)."""
+        return {
+            # The implicit listener is encrypted already: no STARTTLS, and AUTH needs no upgrade.
+            "tls_context": None if implicit_tls else self._tls,
+            "auth_require_tls": not implicit_tls,
+            "auth_exclude_mechanism": () if self._auth else ("PLAIN", "LOGIN"),
+        }
+
+    def _protocol(self, implicit_tls: bool = False) -> asyncio.BaseProtocol:
         if self._draining:
             self.refused_connections += 1
             return _Refuser(replies.SHUTTING_DOWN)
@@ -233,6 +305,9 @@ class FrontEnd:
             decode_data=False,
             timeout=cfg.idle_timeout_s,
             loop=asyncio.get_running_loop(),
+            config=cfg,
+            expect_proxy=cfg.proxy_protocol and not implicit_tls,
+            **self._security(implicit_tls),
         )
 
     async def stop(self, grace_s: float) -> None:
@@ -257,8 +332,11 @@ class FrontEnd:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._tls_server is not None:
+            self._tls_server.close()
+            self._tls_server = None
 
 
 # Our overrides must keep aiosmtpd's per-command metadata (HELP text, syntax).
-for _name in ("smtp_EHLO", "smtp_HELO", "smtp_DATA"):
+for _name in ("smtp_EHLO", "smtp_HELO", "smtp_DATA", "smtp_STARTTLS"):
     getattr(_Session, _name).__dict__.update(getattr(SMTP, _name).__dict__)

@@ -3,20 +3,36 @@
 Translates at the boundary (STYLE §7): a refusal at MAIL, RCPT or DATA is the
 upstream answering about this message and comes back inside a SendResult
 (including the case where every recipient is refused). Only a broken session
-raises UpstreamError: connect failure, bad greeting, timeout, disconnect, or a
-421 at any step (RFC 5321 §3.8: the server is closing the channel).
+raises UpstreamError: connect failure, bad greeting, timeout, disconnect, a
+421 at any step (RFC 5321 §3.8: the server is closing the channel), or a TLS
+or AUTH failure.
+
+Session setup is connect -> greeting -> EHLO -> [STARTTLS -> EHLO] -> [AUTH],
+as `Security` says. TLS is never downgraded: when it is required ("starttls",
+"implicit") or was attempted ("opportunistic" and the relay offered it), any
+TLS failure breaks the session and nothing is retried in plaintext (RFC 3207
+§4.1). Credentials are sent only over TLS or to a loopback address; a 535 to
+AUTH is a broken session too, so the message is deferred, not bounced, and the
+upstream's breaker hears about it. Secrets never reach a log line or a repr.
+Each upstream has its own pool, so sessions with different credentials are
+never mixed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
 
 import aiosmtplib
 
+from smtpbalancer.config import UpstreamConfig, UpstreamTls, is_loopback_host
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import Reply, SendResult, upstream_queue_id
+from smtpbalancer.tls import client_context
 
 _ALL_REFUSED = Reply(554, "5.5.0", "all recipients refused")
 # RFC 6531 §3.5: a non-ASCII address without SMTPUTF8 cannot be relayed.
@@ -31,42 +47,127 @@ def _path(address: str, encoding: str) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How sessions to one upstream are protected: TLS mode and context, optional AUTH."""
+
+    tls: UpstreamTls = UpstreamTls.NONE
+    context: ssl.SSLContext | None = None  # None only with tls = NONE
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    plaintext_auth_ok: bool = False  # the peer is a loopback address
+
+    @classmethod
+    def of(cls, cfg: UpstreamConfig) -> Security:
+        """Built once per upstream (loads the CA); shared by its pool's sessions and probe."""
+        context = (
+            None
+            if cfg.tls is UpstreamTls.NONE
+            else client_context(verify=cfg.tls_verify, ca=cfg.tls_ca)
+        )
+        return cls(cfg.tls, context, cfg.username, cfg.password, is_loopback_host(cfg.host))
+
+    def without_credentials(self) -> Security:
+        """The same TLS for health probes, which never AUTH."""
+        return replace(self, username=None, password=None)
+
+
+PLAINTEXT: Final = Security()
+
+
 class UpstreamConnection:
     def __init__(
-        self, name: str, host: str, port: int, *, local_hostname: str, timeout_s: float
+        self,
+        name: str,
+        host: str,
+        port: int,
+        *,
+        local_hostname: str,
+        timeout_s: float,
+        security: Security = PLAINTEXT,
     ) -> None:
         self.name = name
+        self._security = security
+        implicit = security.tls is UpstreamTls.IMPLICIT
         self._smtp = aiosmtplib.SMTP(
             hostname=host,
             port=port,
             timeout=timeout_s,
-            start_tls=False,
+            use_tls=implicit,
+            start_tls=False,  # we decide below, after EHLO; aiosmtplib never upgrades alone
+            tls_context=security.context,
             local_hostname=local_hostname,
         )
         self.messages = 0  # transactions attempted on this connection
         self.broken = False
         self.idle_since = 0.0
+        self.tls = implicit  # the session is encrypted (set once STARTTLS succeeds)
+        self.authenticated = False
 
     def __repr__(self) -> str:
-        return f"<UpstreamConnection {self.name} messages={self.messages} broken={self.broken}>"
+        return (
+            f"<UpstreamConnection {self.name} messages={self.messages} broken={self.broken}"
+            f" tls={self.tls} auth={self.authenticated}>"
+        )
 
     @property
     def usable(self) -> bool:
         return not self.broken and self._smtp.is_connected
 
     async def open(self) -> None:
+        """Connect, greet, then TLS and AUTH as configured. Raises UpstreamError."""
         try:
             await self._smtp.connect()
-            try:
-                await self._smtp.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await self._smtp.helo()
+            await self._hello()
         except aiosmtplib.SMTPResponseException as exc:
-            self._fail()
-            raise UpstreamError(self.name, "greeting", exc.message, exc.code) from None
+            raise self._broken("greeting", exc.message, exc.code) from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            self._fail()
-            raise UpstreamError(self.name, "connect", _describe(exc)) from None
+            # An implicit-TLS handshake failure surfaces as a connect error.
+            stage = "tls" if isinstance(exc.__cause__, ssl.SSLError) else "connect"
+            raise self._broken(stage, _describe(exc)) from None
+        await self._starttls()
+        await self._login()
+
+    async def _hello(self) -> None:
+        try:
+            await self._smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await self._smtp.helo()
+
+    async def _starttls(self) -> None:
+        mode = self._security.tls
+        if mode in (UpstreamTls.NONE, UpstreamTls.IMPLICIT):
+            return
+        if not self._smtp.supports_extension("starttls"):
+            if mode is UpstreamTls.STARTTLS:
+                raise self._broken("tls", "STARTTLS required but not offered")
+            return  # opportunistic: plaintext
+        try:
+            await self._smtp.starttls()
+            await self._hello()  # RFC 3207 §4.2: forget what was learnt before TLS
+        except aiosmtplib.SMTPResponseException as exc:
+            raise self._broken("tls", exc.message, exc.code) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken("tls", _describe(exc)) from None
+        self.tls = True
+
+    async def _login(self) -> None:
+        sec = self._security
+        if sec.username is None:
+            return
+        if not self.tls and not sec.plaintext_auth_ok:
+            raise self._broken("auth", "no TLS: credentials are never sent in clear")
+        try:
+            await self._smtp.login(sec.username, sec.password or "")
+        except aiosmtplib.SMTPResponseException as exc:
+            raise self._broken("auth", exc.message, exc.code) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise self._broken("auth", _describe(exc)) from None
+        self.authenticated = True
+
+    def _broken(self, stage: str, reason: str, code: int | None = None) -> UpstreamError:
+        self._fail()
+        return UpstreamError(self.name, stage, reason, code)
 
     async def send(
         self,

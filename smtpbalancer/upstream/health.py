@@ -12,7 +12,10 @@ errors are outcomes and a failing callback is logged. Probes start in run(),
 never in the constructor.
 
 smtp_probe is the standard probe: connect, 220 greeting, EHLO, QUIT through
-UpstreamConnection (the only aiosmtplib user), all within one deadline.
+UpstreamConnection (the only aiosmtplib user), all within one deadline. Given the
+upstream's Security it also does its TLS (STARTTLS or implicit, verified the same
+way), so a relay whose certificate would fail delivery also fails its probe; it
+never sends AUTH.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Final, TypeAlias
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.errors import UpstreamError
-from smtpbalancer.upstream.connection import UpstreamConnection
+from smtpbalancer.upstream.connection import PLAINTEXT, Security, UpstreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +79,24 @@ class HealthTracker:
         return self._healthy
 
 
-def smtp_probe(host: str, port: int, *, local_hostname: str, timeout_s: float) -> Probe:
-    """A probe that connects, reads the 220 greeting, sends EHLO and QUITs within timeout_s.
+def smtp_probe(
+    host: str,
+    port: int,
+    *,
+    local_hostname: str,
+    timeout_s: float,
+    security: Security = PLAINTEXT,
+) -> Probe:
+    """A probe that connects, reads the 220 greeting, sends EHLO [, STARTTLS] and QUITs.
 
     Raises UpstreamError on any failure, including the deadline.
     """
     name = f"{host}:{port}"
+    security = security.without_credentials()
 
     async def probe() -> None:
         conn = UpstreamConnection(
-            name, host, port, local_hostname=local_hostname, timeout_s=timeout_s
+            name, host, port, local_hostname=local_hostname, timeout_s=timeout_s, security=security
         )
         try:
             async with asyncio.timeout(timeout_s):

@@ -22,7 +22,7 @@ from smtpbalancer.config import BreakerConfig, UpstreamConfig
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import SendResult, Signal
 from smtpbalancer.upstream.breaker import Breaker, BreakerPolicy, BreakerState, Transition
-from smtpbalancer.upstream.connection import UpstreamConnection
+from smtpbalancer.upstream.connection import Security, UpstreamConnection
 from smtpbalancer.upstream.pool import Pool
 from smtpbalancer.upstream.ratelimit import Aimd, RollingQuota, TokenBucket
 from smtpbalancer.upstream.selection import Candidate, Choice, SmoothWeighted, slow_start_weight
@@ -61,6 +61,9 @@ class Upstream:
         self.aimd = Aimd(rate) if rate else None
         self.quota = RollingQuota(config.daily_quota) if config.daily_quota else None
         self.metrics = metrics.UpstreamMetrics(config.name)
+        # One pool per upstream, so sessions with different TLS settings or credentials
+        # never share a pool; the TLS context is built once and shared by its sessions.
+        self.security = Security.of(config)
         self.pool = Pool(
             config.name,
             lambda: UpstreamConnection(
@@ -69,6 +72,7 @@ class Upstream:
                 config.port,
                 local_hostname=local_hostname,
                 timeout_s=timeout_s,
+                security=self.security,
             ),
             clock,
             max_connections=config.max_connections,

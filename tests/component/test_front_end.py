@@ -123,9 +123,11 @@ async def test_oversize_is_552_5_3_4_at_mail_with_size_and_after_data_without(ap
 async def test_addresses_with_control_characters_are_refused(app: App) -> None:
     reader, writer = await asyncio.open_connection(*app.smtp_address)
     await reader.readline()
-    writer.write(b"HELO x\r\nMAIL FROM:<a\rb@sender.test>\r\n")
+    writer.write(b"HELO x\r\nMAIL FROM:<a\x01b@sender.test>\r\nMAIL FROM:<a\rb@sender.test>\r\n")
     await reader.readline()
     assert (await reader.readline()).startswith(b"501 5.1.7")
+    # A bare CR never reaches the address parser: the whole line is refused (hardening.py).
+    assert (await reader.readline()).startswith(b"501 5.5.2")
     writer.close()
 
 

@@ -1,0 +1,238 @@
+"""The inbound command loop: aiosmtpd's protocol with our line discipline and time bounds.
+
+`Guard` replaces aiosmtpd's `_handle_client` (the loop that reads command lines)
+so that every line is checked before aiosmtpd parses it (hardening.py), and
+adds what a proxy facing untrusted networks needs. In order, per connection:
+
+1. PROXY protocol (`proxy_protocol = true`): the TCP peer was already checked
+   against `trusted_proxies` when the connection was made (server.py); here the
+   v1/v2 header is read (within PROXY_HEADER_TIMEOUT_S) and its source address
+   becomes the session's peer, so relay policy, per-client limits, logs and the
+   Received: header see the real client. A LOCAL/UNKNOWN header (a balancer's
+   health check) keeps the balancer's address. A missing or malformed header
+   closes the connection without a reply: no SMTP was spoken yet.
+2. Pre-greeting traffic (`greet_pause` > 0): a client that sends anything
+   before our 220 gets 554 5.5.0 and is closed (Postfix postscreen's pregreet
+   test; RFC 5321 §4.3.1: the client waits for the greeting).
+3. Command lines: bare CR/LF/NUL -> 501 5.5.2, over 512 octets -> 500 5.5.2;
+   unknown or malformed lines count against `max_unknown_commands`, and the
+   one over the limit gets 421 4.7.0 and the connection is closed.
+4. Time: `idle_timeout` runs from the last valid command (a client trickling
+   one command line byte by byte does not reset it); the DATA command starts
+   `data_timeout`, which bounds the whole DATA phase however the bytes trickle.
+   Expiry sends 421 4.4.2 and closes; a message cut off this way never got a
+   250 and was never spooled.
+
+It must not decide relay policy or touch the spool: that is the handler's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final, cast
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, SMTP, TLSSetupException
+
+from smtpbalancer import replies
+from smtpbalancer.config import ServerConfig
+from smtpbalancer.frontend import hardening
+from smtpbalancer.replies import Reply
+
+log = logging.getLogger(__name__)
+
+PROXY_HEADER_TIMEOUT_S: Final = 10.0
+
+
+class Guard(SMTP):
+    # aiosmtpd's DATA reader refuses a text line longer than this (CRLF included).
+    line_length_limit = hardening.MAX_TEXT_LINE
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        config: ServerConfig | None = None,
+        expect_proxy: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._guard = config or ServerConfig()
+        # Not on the implicit-TLS listener: there the TLS handshake comes first.
+        self.expects_proxy = expect_proxy
+        self._proxied_peer: tuple[str, int] | None = None
+
+    # --- hooks for the subclass ---------------------------------------------------
+
+    def admit_proxied(self, client: str) -> Reply | None:
+        """Called once the PROXY header named the real client; a Reply refuses it."""
+        return None
+
+    def say_and_close(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            writer = cast(asyncio.WriteTransport, self.transport)
+            writer.write(reply.line.encode() + b"\r\n")
+            writer.close()
+
+    # --- aiosmtpd overrides -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._proxied_peer is not None and self.session is not None:
+            session: Any = self.session  # aiosmtpd types peer as str; it holds the address tuple
+            session.peer = self._proxied_peer  # STARTTLS starts a new Session
+
+    def _timeout_cb(self) -> None:
+        log.info("smtp.timeout client=%s", _peer_ip(self.session))
+        self.say_and_close(replies.TIMEOUT)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "DATA":
+            self._reset_timeout()  # the body is in; the spool write is not the client's time
+        return await super()._call_handler_hook(command, *args)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._reset_timeout(self._guard.data_timeout_s)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
+
+    async def _handle_client(self) -> None:
+        if self.expects_proxy and not await self._accept_proxy_header():
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if not await self._quiet_before_greeting():
+            return
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bad_lines = 0
+        while self.transport is not None:
+            try:
+                line = await self._command_line()
+                error = line if isinstance(line, str) else await self._dispatch(line)
+                if error is not None:
+                    bad_lines += 1
+                    if bad_lines > self._guard.max_unknown_commands:
+                        log.info("smtp.bad_commands client=%s", _peer_ip(self.session))
+                        self.say_and_close(replies.TOO_MANY_BAD_COMMANDS)
+                        return
+                    await self.push(error)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception as error:  # aiosmtpd's contract: report and carry on
+                if isinstance(error, TLSSetupException):
+                    if self.transport is not None:
+                        self.transport.close()
+                    self.connection_lost(error)
+                    return
+                await self.push(await self._describe(error))
+
+    # --- the pieces ------------------------------------------------------------------
+
+    async def _command_line(self) -> bytes | str:
+        """One command line without its CRLF, or the reply that refuses it."""
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            await self._discard_line(error.consumed)
+            return replies.COMMAND_TOO_LONG.line
+        assert self.session is not None
+        refusal = hardening.command_refusal(line, extended=bool(self.session.extended_smtp))
+        if refusal is not None:
+            return refusal.line
+        return line[:-2]
+
+    async def _discard_line(self, consumed: int) -> None:
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as more:
+                await self._reader.read(more.consumed)
+
+    async def _dispatch(self, line: bytes) -> str | None:
+        """Run one command, or return the error for an unknown or unparsable one."""
+        verb, _, arg_bytes = line.partition(b" ")
+        try:
+            command = verb.upper().decode("ascii")
+        except UnicodeDecodeError:
+            command = ""
+        if not command:
+            return "500 Error: bad syntax"
+        arg: str | None = None
+        if arg_bytes:
+            if not self.enable_SMTPUTF8 and not arg_bytes.isascii():
+                return "500 Error: strict ASCII mode"
+            # surrogateescape keeps non-UTF-8 bytes recoverable, as aiosmtpd does
+            arg = arg_bytes.strip().decode("utf-8", "surrogateescape")
+        if not self._tls_handshake_okay and command != "QUIT":
+            await self.push("554 Command refused due to lack of security")
+            return None
+        needs_tls = self.require_starttls and not self._tls_protocol
+        if needs_tls and command not in ALLOWED_BEFORE_STARTTLS:
+            await self.push("530 Must issue a STARTTLS command first")  # RFC 3207 §4
+            return None
+        method = self._smtp_methods.get(command)
+        if method is None:
+            return f'500 Error: command "{command[:20]}" not recognized'
+        self._reset_timeout()  # a valid command: the client is alive
+        await method(arg)
+        return None
+
+    async def _describe(self, error: Exception) -> str:
+        try:
+            status: str = await self.handle_exception(error)
+        except Exception:
+            log.exception("smtp.handler_error client=%s", _peer_ip(self.session))
+            status = "500 Error: Cannot describe error"
+        return status
+
+    async def _quiet_before_greeting(self) -> bool:
+        pause = self._guard.greet_pause_s
+        if pause <= 0:
+            return True
+        try:
+            async with asyncio.timeout(pause):
+                early = await self._reader.read(1)
+        except TimeoutError:
+            return True
+        if early:
+            log.info("smtp.pregreet client=%s", _peer_ip(self.session))
+            self.say_and_close(replies.TALKED_TOO_SOON)
+        return False
+
+    async def _accept_proxy_header(self) -> bool:
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(PROXY_HEADER_TIMEOUT_S):
+                data = await get_proxy(self._reader)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            data = None
+        if data is None or not data.valid:
+            log.warning("smtp.proxy_header_invalid peer=%s", _peer_ip(self.session))
+            return False
+        if data.src_addr is not None:  # None: LOCAL/UNKNOWN, the balancer itself
+            self._proxied_peer = (str(data.src_addr), int(data.src_port or 0))
+            session: Any = self.session
+            session.peer = self._proxied_peer
+        refusal = self.admit_proxied(_peer_ip(self.session))
+        if refusal is not None:
+            self.say_and_close(refusal)
+            return False
+        return True
+
+
+def _peer_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
+
+
+# Our overrides must keep aiosmtpd's per-command metadata (HELP text, syntax).
+Guard.smtp_DATA.__dict__.update(SMTP.smtp_DATA.__dict__)
