@@ -9,7 +9,8 @@ applies the per-recipient verdict:
   at once on an upstream that has not deferred it this round; when every
   eligible upstream has, back off (retry.py) and start a new round;
 - no eligible upstream at all -> park until a breaker lets traffic through.
-Concurrency is bounded by a semaphore (sum of upstream connection limits).
+Concurrency is bounded by a semaphore (sum of upstream connection limits); a reload
+resizes it (`reconfigure`).
 Fresh bodies are kept in memory up to a byte budget; everything else is read
 back from the spool, so the queue in memory is an index, never the bodies.
 """
@@ -63,6 +64,8 @@ class Dispatcher:
         self._clock = clock
         self._hostname = hostname
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._owed = 0  # slots to swallow on release after a reload shrank the concurrency
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
         self._hot_bytes = 0
@@ -100,7 +103,7 @@ class Dispatcher:
             try:
                 job = await self._scheduler.next()
             except BaseException:
-                self._slots.release()
+                self._release_slot()
                 raise
             # Every upstream that could take it is out of rate tokens: hold this job (and
             # the loop) until the first token, rather than re-queueing everything per token.
@@ -108,8 +111,29 @@ class Dispatcher:
                 try:
                     await self._clock.sleep(wait_s)
                 except BaseException:
-                    self._slots.release()
+                    self._release_slot()
                     raise
+
+    def reconfigure(self, *, concurrency: int, policy: RetryPolicy, hostname: str) -> None:
+        """A reload: new retry policy and DSN hostname for what comes next; resize the slots.
+
+        Growing releases the extra slots at once; shrinking swallows releases until the
+        in-flight work fits (nothing running is interrupted).
+        """
+        self._policy = policy
+        self._hostname = hostname
+        delta, self._concurrency = concurrency - self._concurrency, concurrency
+        while delta > 0 and self._owed > 0:
+            delta, self._owed = delta - 1, self._owed - 1
+        for _ in range(max(0, delta)):
+            self._slots.release()
+        self._owed += max(0, -delta)
+
+    def _release_slot(self) -> None:
+        if self._owed > 0:
+            self._owed -= 1
+        else:
+            self._slots.release()
 
     async def finish(self, timeout_s: float) -> None:
         """Let in-flight deliveries finish within timeout_s; cancel the rest (they stay spooled)."""
@@ -120,7 +144,7 @@ class Dispatcher:
             log.info("delivery.finishing inflight=%d timeout=%.1fs", len(pending), timeout_s)
             _, still = await asyncio.wait(pending, timeout=timeout_s)
             if still:
-                log.warning("delivery.abandoned inflight=%d (they stay spooled)", len(still))
+                log.warning("delivery.abandoned inflight=%d action=stay-spooled", len(still))
                 await cancel_and_wait(list(still))
 
     # --- decisions (synchronous) ---------------------------------------------
@@ -141,7 +165,7 @@ class Dispatcher:
             return None
         if choice.outcome is Outcome.WAIT:
             return max(choice.wait_until - now, 0.001)
-        self._slots.release()
+        self._release_slot()
         self._drop_hot(job)
         if choice.outcome is Outcome.ALL_AVOIDED:
             self._next_round(job, now)  # every eligible upstream deferred it this round
@@ -210,7 +234,7 @@ class Dispatcher:
             self._drop_hot(job)
             self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
         finally:
-            self._slots.release()
+            self._release_slot()
 
     async def _body(self, job: Job) -> bytes | None:
         if job.body is not None:
@@ -280,7 +304,7 @@ class Dispatcher:
         wall = self._clock.wall()
         if delivered:
             upstream.metrics.delivered.inc()
-            log.debug(
+            log.info(
                 "delivery.delivered queue_id=%s upstream=%s rcpts=%d upstream_queue_id=%s",
                 job.queue_id,
                 upstream.name,

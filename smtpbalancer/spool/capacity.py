@@ -48,6 +48,7 @@ class Capacity:
         self.total_disk_bytes = 0
         self.min_free_disk_bytes = 0
         self._statvfs_failing = False
+        self._accepting = True  # last logged backpressure state: off
 
     def __repr__(self) -> str:
         return (
@@ -55,6 +56,11 @@ class Capacity:
             f" disk_free={self.free_disk_bytes}/{self.total_disk_bytes}"
             f" floor={self.min_free_disk_bytes}>"
         )
+
+    def reconfigure(self, config: SpoolConfig) -> None:
+        """A reload: new size limit and free-disk floor (the floor from the next refresh)."""
+        self._config = config
+        self.max_spool_bytes = config.max_size_bytes
 
     @property
     def spool_bytes(self) -> int:
@@ -92,6 +98,7 @@ class Capacity:
                 )
             self._statvfs_failing = True
             self.free_disk_bytes = 0
+            self._log_pressure_change()
             return
         if self._statvfs_failing:
             log.info("spool.statvfs_recovered directory=%s", self._config.directory)
@@ -99,6 +106,25 @@ class Capacity:
         self.total_disk_bytes = st.f_blocks * st.f_frsize
         self.free_disk_bytes = st.f_bavail * st.f_frsize  # what a non-root writer can use
         self.min_free_disk_bytes = self._config.min_free_disk.floor(self.total_disk_bytes)
+        self._log_pressure_change()
+
+    def _log_pressure_change(self) -> None:
+        """Log backpressure turning on or off (checked once per refresh, not per message)."""
+        accepting = self.accepting()
+        if accepting is self._accepting:
+            return
+        self._accepting = accepting
+        log.log(
+            logging.INFO if accepting else logging.WARNING,
+            "spool.backpressure state=%s spool_bytes=%d reserved_bytes=%d max_bytes=%d"
+            " free_disk_bytes=%d min_free_disk_bytes=%d",
+            "off" if accepting else "on",
+            self.spool_bytes,
+            self.reserved_bytes,
+            self.max_spool_bytes,
+            self.free_disk_bytes,
+            self.min_free_disk_bytes,
+        )
 
     async def run(self) -> None:
         """Refresh forever; the owner cancels it. Call `refresh()` once before accepting mail."""

@@ -84,6 +84,10 @@ class Breaker:
         """The length of the current (or last) open period."""
         return self._open_s
 
+    def retune(self, policy: BreakerPolicy) -> None:
+        """A config reload: the state stays; the next open period follows the new policy."""
+        self._policy = policy
+
     def retry_at(self) -> float | None:
         """When an OPEN breaker will let a probe through; None unless OPEN."""
         if self._state is BreakerState.OPEN:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Final, TypeAlias
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.errors import UpstreamError
+from smtpbalancer.tasks import cancel_and_wait, spawn
 from smtpbalancer.upstream.connection import PLAINTEXT, Security, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,17 @@ class HealthChecker:
             raise ValueError(f"health: interval_s must be positive, got {interval_s}")
         self._probes = dict(probes)
         self._trackers = {name: HealthTracker(fall, rise) for name in self._probes}
+        self._fall, self._rise = fall, rise
+        self._set_interval(interval_s)
+        self._on_change = on_change
+        self._clock = clock
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+
+    def _set_interval(self, interval_s: float) -> None:
         self._interval_s = interval_s
         # Faster while down so recovery is noticed quickly, but never slower than while up.
         self._down_interval_s = min(interval_s, max(MIN_DOWN_INTERVAL_S, interval_s / 2))
-        self._on_change = on_change
-        self._clock = clock
 
     def __repr__(self) -> str:
         parts = " ".join(f"{name}={_describe(t)}" for name, t in self._trackers.items())
@@ -147,17 +154,54 @@ class HealthChecker:
         return self._trackers[name].healthy
 
     async def run(self) -> None:
-        """Run every probe loop until cancelled."""
-        if not self._probes:
-            await asyncio.Event().wait()  # nothing to probe; still "runs until cancelled"
-        async with asyncio.TaskGroup() as group:
-            for name in self._probes:
-                group.create_task(self._loop(name), name=f"health:{name}")
+        """Run every probe loop until cancelled (the set changes with `reconfigure`)."""
+        self._running = True
+        for name in self._probes:
+            self._start(name)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._running = False
+            loops, self._loops = list(self._loops.values()), {}
+            await cancel_and_wait(loops)
+
+    def reconfigure(
+        self,
+        probes: Mapping[str, Probe],
+        *,
+        fresh: Collection[str],
+        interval_s: float,
+        fall: int,
+        rise: int,
+    ) -> None:
+        """A reload: probe added upstreams, stop probing removed ones.
+
+        Names in `fresh` (added, or rebuilt with a new endpoint or TLS) start over with a
+        new tracker, as their new Upstream starts healthy. Kept upstreams keep their
+        tracker and loop; their probe is replaced and `interval_s` applies from the next
+        sleep. `fall`/`rise` changes apply to fresh trackers only.
+        """
+        for name in list(self._trackers):
+            if name not in probes or name in fresh:
+                del self._trackers[name]
+                if (task := self._loops.pop(name, None)) is not None:
+                    task.cancel()
+        self._probes = dict(probes)
+        self._set_interval(interval_s)
+        self._fall, self._rise = fall, rise
+        for name in self._probes:
+            if name not in self._trackers:
+                self._trackers[name] = HealthTracker(self._fall, self._rise)
+                if self._running:
+                    self._start(name)
+
+    def _start(self, name: str) -> None:
+        self._loops[name] = spawn(self._loop(name), name=f"health:{name}")
 
     async def _loop(self, name: str) -> None:
-        probe, tracker = self._probes[name], self._trackers[name]
+        tracker = self._trackers[name]
         while True:
-            failure = await _attempt(probe)
+            failure = await _attempt(self._probes[name])
             change = tracker.record(failure is None)
             if change is not None:
                 self._announce(name, change, failure)

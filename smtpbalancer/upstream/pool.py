@@ -95,7 +95,7 @@ class Pool:
                     self._waiters.remove(waiter)
 
     def _release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        if reusable and not self._closed:
+        if reusable and not self._closed and self._size <= self.max_connections:
             conn.idle_since = self._clock.monotonic()
             self._idle.append(conn)
         else:
@@ -112,6 +112,13 @@ class Pool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    def resize(self, max_connections: int, max_messages: int) -> None:
+        """A config reload: new limits; connections over the new maximum close when released."""
+        self.max_connections = max_connections
+        self._max_messages = max_messages
+        for _ in range(max(0, max_connections - self._size)):
+            self._wake_one()  # waiters may now open a connection
 
     def close_idle(self, older_than_s: float = 0.0) -> None:
         now = self._clock.monotonic()
