@@ -12,9 +12,11 @@ import asyncio
 import logging
 import os
 import ssl
+from pathlib import Path
 from types import TracebackType
 
-from smtpbalancer import metrics, tls
+from smtpbalancer import __version__, metrics, tls
+from smtpbalancer.admin import AdminApp, AdminHooks, AdminServer, Readiness
 from smtpbalancer.clock import Clock, SystemClock
 from smtpbalancer.config import Config
 from smtpbalancer.delivery.dispatcher import Dispatcher
@@ -26,12 +28,13 @@ from smtpbalancer.frontend.admission import Limits
 from smtpbalancer.frontend.auth import Authenticator
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.frontend.server import FrontEnd
+from smtpbalancer.reload import Diff, Reloader
 from smtpbalancer.spool import recovery
 from smtpbalancer.spool.capacity import Capacity
 from smtpbalancer.spool.record import MessageMeta
 from smtpbalancer.spool.store import SpoolStore
 from smtpbalancer.tasks import cancel_and_wait, spawn
-from smtpbalancer.upstream.health import HealthChecker, smtp_probe
+from smtpbalancer.upstream.health import HealthChecker, Probe, smtp_probe
 from smtpbalancer.upstream.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,12 @@ class Submitter:
 
 
 class App:
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: Config, clock: Clock | None = None, *, config_path: Path | None = None
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
+        self.reloader = Reloader(config, config_path)  # SIGHUP / admin: re-read config_path
         cfg = config
         self.store = SpoolStore(cfg.spool.directory, self.clock)
         self.registry = Registry(
@@ -77,16 +83,7 @@ class App:
             timeout_s=cfg.delivery.timeout_s,
         )
         self.health = HealthChecker(
-            {
-                u.name: smtp_probe(
-                    u.host,
-                    u.port,
-                    local_hostname=cfg.server.hostname,
-                    timeout_s=cfg.health_check.timeout_s,
-                    security=self.registry[u.name].security,  # same TLS, never AUTH
-                )
-                for u in cfg.upstreams
-            },
+            _probes(cfg, self.registry),
             interval_s=cfg.health_check.interval_s,
             fall=cfg.health_check.fall,
             rise=cfg.health_check.rise,
@@ -98,25 +95,17 @@ class App:
             store=self.store,
             registry=self.registry,
             scheduler=self.scheduler,
-            policy=RetryPolicy(
-                cfg.delivery.retry_initial_s, cfg.delivery.retry_max_s, cfg.delivery.max_lifetime_s
-            ),
+            policy=_retry_policy(cfg),
             clock=self.clock,
             hostname=cfg.server.hostname,
-            concurrency=sum(u.max_connections for u in cfg.upstreams),
+            concurrency=_concurrency(cfg),
         )
         self.submitter = Submitter(self.store, self.dispatcher, self.clock)
         self.capacity = Capacity(cfg.spool, lambda: self.store.bytes, self.clock)
         self.tls_context, self.authenticator = self._security()
         self.handler = Handler(
             hostname=cfg.server.hostname,
-            limits=Limits(
-                cfg.server.max_recipients,
-                cfg.server.allow_networks,
-                tarpit_above_percent=cfg.spool.tarpit_above_percent,
-                tarpit_delay_s=cfg.spool.tarpit_delay_s,
-                auth_offered=self.authenticator is not None,
-            ),
+            limits=_limits(cfg, auth_offered=self.authenticator is not None),
             submitter=self.submitter,
             pressure=self.capacity,
             clock=self.clock,
@@ -133,7 +122,8 @@ class App:
         self.metrics_address: tuple[str, int] | None = None
         self.recovered = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics_server: object = None
+        self._admin: AdminServer | None = None
+        self._started_wall = self.clock.wall()
         self._stop_requested = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -167,10 +157,17 @@ class App:
         await self.capacity.refresh()  # free disk is known before the first MAIL
         self._tasks.append(spawn(self.capacity.run(), name="spool-capacity"))
 
+        self._bind_metrics()
         if self.config.metrics.enabled:
-            server, _ = metrics.serve(self.config.metrics.host, self.config.metrics.port)
-            self._metrics_server = server
-            self.metrics_address = (self.config.metrics.host, server.server_port)
+            self._admin = AdminServer(
+                AdminApp(
+                    self._admin_hooks(), asyncio.get_running_loop(), self.config.metrics.admin_token
+                ),
+                self.config.metrics.host,
+                self.config.metrics.port,
+            )
+            self._admin.start()
+            self.metrics_address = self._admin.address
         self.smtp_address = await self.frontend.start()
         if self.tls_context is not None:
             log.info(
@@ -218,6 +215,54 @@ class App:
         log.info("tls.reloaded cert=%s", server.tls_cert)
         return True
 
+    async def reload(self) -> str:
+        """SIGHUP and the admin hook: re-read the config file; returns the one-line outcome.
+
+        Upstreams (weights, added/removed, limits, TLS, credentials), delivery, health,
+        breaker, spool limits, server limits and the listener certificate apply live; the
+        listeners, spool directory and metrics listener need a restart (reported, ignored).
+        On any error the old config keeps running (invariant 6).
+        """
+        return await self.reloader.reload(self._apply)
+
+    def _apply(self, cfg: Config, change: Diff) -> None:
+        """Build what can fail first (certificate, upstream TLS contexts), then swap."""
+        server = cfg.server
+        if self.tls_context is not None and server.tls_cert and server.tls_key:
+            tls.server_context(server.tls_cert, server.tls_key)  # raises: nothing changed yet
+        done = self.registry.reconfigure(
+            cfg.upstreams,
+            cfg.circuit_breaker,
+            local_hostname=server.hostname,
+            timeout_s=cfg.delivery.timeout_s,
+        )
+        # From here on nothing raises: every step is an assignment of a validated value.
+        if self.tls_context is not None and server.tls_cert and server.tls_key:
+            tls.reload_server_context(self.tls_context, server.tls_cert, server.tls_key)
+            log.info("tls.reloaded cert=%s", server.tls_cert)
+        self.health.reconfigure(
+            _probes(cfg, self.registry),
+            fresh=done.rebuilt,
+            interval_s=cfg.health_check.interval_s,
+            fall=cfg.health_check.fall,
+            rise=cfg.health_check.rise,
+        )
+        self.dispatcher.reconfigure(
+            concurrency=_concurrency(cfg),
+            policy=_retry_policy(cfg),
+            hostname=server.hostname,
+        )
+        self.capacity.reconfigure(cfg.spool)
+        self.handler.reconfigure(
+            hostname=server.hostname,
+            limits=_limits(cfg, auth_offered=self.authenticator is not None),
+        )
+        self.frontend.reconfigure(server)
+        metrics.SPOOL_MAX_BYTES.set(cfg.spool.max_size_bytes)
+        self.config = cfg
+        if change.restart_required:
+            log.warning("reload.restart_required keys=%s", ",".join(change.restart_required))
+
     def request_stop(self) -> None:
         self._stop_requested.set()
 
@@ -235,11 +280,65 @@ class App:
         await cancel_and_wait(self._tasks)
         await self.dispatcher.finish(DELIVERY_FINISH_S)
         await self.registry.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-            self._metrics_server.server_close()  # type: ignore[attr-defined]
+        if self._admin is not None:
+            await asyncio.to_thread(self._admin.stop)
         await asyncio.to_thread(self.store.close)
         log.info("smtpbalancer.stopped queued=%d", self.store.messages)
+
+    # --- observability: metrics and the admin listener ------------------------------
+
+    def _bind_metrics(self) -> None:
+        metrics.BUILD_INFO.labels(__version__).set(1)
+        metrics.SPOOL_MAX_BYTES.set(self.config.spool.max_size_bytes)
+        metrics.CONFIG_GENERATION.set(1)
+        metrics.QUEUE_OLDEST_AGE.set_function(self._oldest_age_s)
+        metrics.SPOOL_FREE_BYTES.set_function(lambda: float(self.capacity.free_disk_bytes))
+
+    def _oldest_age_s(self) -> float:
+        oldest = self.store.oldest_arrival()
+        return 0.0 if oldest is None else max(0.0, self.clock.wall() - oldest)
+
+    def _admin_hooks(self) -> AdminHooks:
+        return AdminHooks(
+            status=self.status,
+            readiness=self.readiness,
+            drain=self.registry.set_drained,
+            set_weight=self.registry.set_weight,
+            reload=self.reload,
+        )
+
+    def readiness(self) -> Readiness:
+        """Ready for mail: not draining, spool accepting, at least one relay eligible."""
+        if self.frontend.draining:
+            return Readiness(False, "draining")
+        if not self.capacity.accepting():
+            return Readiness(False, "spool full or disk low")
+        if self.registry.eligible_count(self.clock.monotonic()) == 0:
+            return Readiness(False, "no upstream eligible")
+        return Readiness(True)
+
+    def status(self) -> dict[str, object]:
+        now = self.clock.monotonic()
+        return {
+            "version": __version__,
+            "uptime_s": round(self.clock.wall() - self._started_wall, 1),
+            "ready": self.readiness().ready,
+            "sessions": len(self.frontend.sessions),
+            "queue": {
+                "messages": self.store.messages,
+                "bytes": self.store.bytes,
+                "oldest_age_s": round(self._oldest_age_s(), 1),
+                "parked": self.scheduler.parked,
+                "in_flight": self.dispatcher.inflight,
+            },
+            "spool": {
+                "directory": str(self.config.spool.directory),
+                "max_bytes": self.config.spool.max_size_bytes,
+                "reserved_bytes": self.capacity.reserved_bytes,
+                "free_disk_bytes": self.capacity.free_disk_bytes,
+            },
+            "upstreams": self.registry.status(now),
+        }
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -252,3 +351,35 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _probes(cfg: Config, registry: Registry) -> dict[str, Probe]:
+    return {
+        u.name: smtp_probe(
+            u.host,
+            u.port,
+            local_hostname=cfg.server.hostname,
+            timeout_s=cfg.health_check.timeout_s,
+            security=registry[u.name].security,  # same TLS, never AUTH
+        )
+        for u in cfg.upstreams
+    }
+
+
+def _concurrency(cfg: Config) -> int:
+    return sum(u.max_connections for u in cfg.upstreams)
+
+
+def _retry_policy(cfg: Config) -> RetryPolicy:
+    d = cfg.delivery
+    return RetryPolicy(d.retry_initial_s, d.retry_max_s, d.max_lifetime_s)
+
+
+def _limits(cfg: Config, *, auth_offered: bool) -> Limits:
+    return Limits(
+        cfg.server.max_recipients,
+        cfg.server.allow_networks,
+        tarpit_above_percent=cfg.spool.tarpit_above_percent,
+        tarpit_delay_s=cfg.spool.tarpit_delay_s,
+        auth_offered=auth_offered,
+    )

@@ -1,4 +1,4 @@
-"""Command line: `smtpbalancer serve|check-config|passwd|sink|demo|version`.
+"""Command line: `smtpbalancer serve|check-config|passwd|sink|demo|queue|trace|version`.
 
 Picks the event loop (uvloop unless `--loop asyncio`), sets up logging on
 stderr, maps errors to exit codes: 0 ok, 1 runtime failure, 2 usage or
@@ -16,19 +16,26 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from smtpbalancer import __version__, config
+from smtpbalancer import __version__, config, logs, queue_admin
 from smtpbalancer.errors import ConfigError, SpoolError
 
 log = logging.getLogger("smtpbalancer")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smtpbalancer", description=__doc__.splitlines()[0])
+    # No abbreviations: `trace --log FILE` must not be taken for a prefix of --log-level.
+    p = argparse.ArgumentParser(
+        prog="smtpbalancer", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     p.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default INFO; demo WARNING)"
     )
+    p.add_argument(
+        "--log-format", choices=logs.FORMATS, default=None, help="default json for serve, else text"
+    )
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     sub = p.add_subparsers(dest="command", required=True)
+    queue_admin.add_commands(sub)
 
     serve = sub.add_parser("serve", help="run the relay in the foreground")
     serve.add_argument("--config", required=True, type=Path)
@@ -60,13 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     default_level = "WARNING" if args.command == "demo" else "INFO"
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level or default_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    default_format = "json" if args.command == "serve" else "text"
+    logs.configure(str(args.log_level or default_level), args.log_format or default_format)
     command: str = args.command
+    if command in queue_admin.COMMANDS:
+        return queue_admin.run(args)
     if command == "version":
         print(f"smtpbalancer {__version__}")
         return 0
@@ -124,11 +129,15 @@ def _serve(path: Path, loop_name: str) -> int:
             log.error("config.invalid %s", problem)
         return 2
     from smtpbalancer.app import App
+    from smtpbalancer.tasks import spawn
 
     async def serve() -> int:
-        app = App(cfg)
+        app = App(cfg, config_path=path)
         # Before start: the ready line may make a supervisor send SIGHUP at once.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app.reload_tls)
+        # A reload (config file + certificate) runs as its own task; it logs its outcome.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: spawn(app.reload(), name="config-reload")
+        )
         try:
             await app.start()
         except SpoolError as exc:

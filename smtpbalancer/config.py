@@ -100,6 +100,7 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9465
     enabled: bool = True
+    admin_token: str | None = field(default=None, repr=False)  # read from admin_token_file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -529,13 +530,24 @@ def _delivery(keys: _Keys) -> DeliveryConfig:
 
 def _metrics(keys: _Keys) -> MetricsConfig:
     d = MetricsConfig()
-    value = keys._get("listen")
-    if value == "":
+    token_path = _optional_path(keys, "admin_token_file")
+    token = None
+    if token_path is not None:
+        try:
+            token = token_path.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            keys.problem("admin_token_file", f"cannot read {token_path}: {exc.strerror}")
+        else:
+            if token is None:
+                keys.problem("admin_token_file", f"{token_path} is empty")
+    if keys._get("listen") == "":
         keys.reject_unknown()
         return MetricsConfig(enabled=False)
     host, port = keys.hostport("listen", (d.host, d.port))
+    if token is None and token_path is None and not is_loopback_host(host):
+        keys.problem("admin_token_file", "required when metrics.listen is not on loopback")
     keys.reject_unknown()
-    return MetricsConfig(host=host, port=port)
+    return MetricsConfig(host=host, port=port, admin_token=token)
 
 
 def _health(keys: _Keys) -> HealthCheckConfig:

@@ -8,14 +8,34 @@ never sender, recipient or domain. `_created` series are off.
 from __future__ import annotations
 
 from collections.abc import Callable
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
+BUILD_INFO = Gauge(
+    "smtpbalancer_build_info", "Always 1; the labels say which build is running.", ["version"]
+)
+MESSAGES_REJECTED = Counter(
+    "smtpbalancer_messages_rejected",
+    "Client commands or connections refused by the front end, by reason.",
+    ["reason"],
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "smtpbalancer_queue_oldest_message_age_seconds",
+    "Age of the oldest message in the spool (0 when empty).",
+)
+SPOOL_FREE_BYTES = Gauge(
+    "smtpbalancer_spool_free_bytes", "Free bytes on the spool's file system (last statvfs)."
+)
+SPOOL_MAX_BYTES = Gauge("smtpbalancer_spool_max_bytes", "The configured spool.max_size.")
+CONFIG_GENERATION = Gauge(
+    "smtpbalancer_config_generation", "Increments on every successful config (re)load."
+)
+CONFIG_RELOAD_FAILURES = Counter(
+    "smtpbalancer_config_reload_failures", "Config reloads refused (the old config kept running)."
+)
 MESSAGES_RECEIVED = Counter(
     "smtpbalancer_messages_received", "Messages accepted (250) and spooled durably."
 )
@@ -90,6 +110,11 @@ class UpstreamMetrics:
         self.effective_rate = UPSTREAM_EFFECTIVE_RATE.labels(upstream)
 
 
+def rejected(reason: str) -> None:
+    """Count one refusal; `reason` comes from a fixed table in the front end (bounded)."""
+    MESSAGES_REJECTED.labels(reason).inc()
+
+
 def bind_gauges(
     queue_messages: Callable[[], float],
     queue_bytes: Callable[[], float],
@@ -110,9 +135,3 @@ def bind_upstream_gauges(
 def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:
     for s in states:
         UPSTREAM_CIRCUIT_STATE.labels(upstream, s).set(1.0 if s == state else 0.0)
-
-
-def serve(host: str, port: int) -> tuple[WSGIServer, Thread]:
-    """Start the /metrics HTTP listener in a daemon thread; returns it for shutdown."""
-    server, thread = prometheus_client.start_http_server(port, addr=host)
-    return server, thread

@@ -35,7 +35,7 @@ from typing import Any, Final, cast
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, SMTP, TLSSetupException
 
-from smtpbalancer import replies
+from smtpbalancer import metrics, replies
 from smtpbalancer.config import ServerConfig
 from smtpbalancer.frontend import hardening
 from smtpbalancer.replies import Reply
@@ -71,9 +71,7 @@ class Guard(SMTP):
 
     def say_and_close(self, reply: Reply) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            writer = cast(asyncio.WriteTransport, self.transport)
-            writer.write(reply.line.encode() + b"\r\n")
-            writer.close()
+            say_and_close(self.transport, reply)
 
     # --- aiosmtpd overrides -------------------------------------------------------
 
@@ -225,6 +223,43 @@ class Guard(SMTP):
             self.say_and_close(refusal)
             return False
         return True
+
+
+def say_and_close(transport: asyncio.BaseTransport, reply: Reply) -> None:
+    """One reply line, then hang up (RFC 5321 §3.8 allows a 421 at any time)."""
+    count_rejection(reply.line)
+    # uvloop's transports are not asyncio.WriteTransport subclasses: cast, don't isinstance.
+    writer = cast(asyncio.WriteTransport, transport)
+    writer.write(reply.line.encode() + b"\r\n")
+    writer.close()
+
+
+# Refusals counted in smtpbalancer_messages_rejected_total{reason}: a fixed table, so the
+# label stays bounded (never a sender, recipient or domain).
+_REJECTION_REASONS = {
+    replies.RELAY_DENIED.line: "relay_denied",
+    replies.AUTH_REQUIRED.line: "auth_required",
+    replies.STORAGE_LOW.line: "storage",
+    replies.SPOOL_WRITE_FAILED.line: "spool_error",
+    replies.TOO_MANY_RECIPIENTS.line: "too_many_recipients",
+    replies.TOO_BIG.line: "too_big",
+    replies.NUL_IN_DATA.line: "bad_data",
+    replies.TEXT_LINE_TOO_LONG.line: "bad_data",
+    replies.TOO_MANY_CONNECTIONS.line: "connections",
+    replies.TOO_MANY_FROM_HOST.line: "client_connections",
+    replies.SHUTTING_DOWN.line: "draining",
+    replies.TOO_MANY_BAD_COMMANDS.line: "bad_commands",
+    replies.TIMEOUT.line: "timeout",
+    replies.TALKED_TOO_SOON.line: "pregreet",
+    replies.UNTRUSTED_PROXY.line: "untrusted_proxy",
+    replies.AUTH_TOO_MANY_FAILURES.line: "auth_failures",
+}
+
+
+def count_rejection(line: str) -> None:
+    reason = _REJECTION_REASONS.get(line)
+    if reason is not None:
+        metrics.rejected(reason)
 
 
 def _peer_ip(session: Any) -> str:

@@ -89,6 +89,11 @@ class Handler:
             f" tarpit={'on' if self._tarpit_on else 'off'}>"
         )
 
+    def reconfigure(self, *, hostname: str, limits: Limits) -> None:
+        """A reload: the relay policy and limits apply from the next command on."""
+        self._hostname = hostname
+        self._limits = limits
+
     def connection_closed(self, server: Any) -> None:
         """Called by the session when its connection is lost: drop its reservation."""
         self._release(server)
@@ -193,6 +198,13 @@ class Handler:
             return replies.SPOOL_WRITE_FAILED.line
         finally:
             self._release(server)  # after submit: the stored bytes now count instead
+        log.debug(
+            "smtp.received queue_id=%s client=%s rcpts=%d size=%d",
+            queue_id,
+            client_ip,
+            len(env.rcpt_tos),
+            len(trace) + len(content),
+        )
         delay = self._tarpit()
         if delay:
             await self._clock.sleep(delay)  # the message is durable; only the reply waits

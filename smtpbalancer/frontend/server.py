@@ -32,7 +32,7 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.config import ServerConfig
 from smtpbalancer.frontend import admission
 from smtpbalancer.frontend.auth import tls_active
-from smtpbalancer.frontend.guard import Guard
+from smtpbalancer.frontend.guard import Guard, count_rejection, say_and_close
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.replies import Reply
 
@@ -51,6 +51,7 @@ _OVERRIDES = {
     "552 Error: Too much mail data": replies.TOO_BIG.line,
 }
 _CACHE_LIMIT = 4096
+
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # The common case, <dot-atom@host.name> and parameters: parsed without aiosmtpd's
 # email header parser, which costs about a fifth of the proxy's CPU per message.
@@ -96,7 +97,7 @@ class _Session(Guard):
                 refusal = replies.TOO_MANY_FROM_HOST
             if refusal is not None:
                 # aiosmtpd never sees this connection: no session, no greeting, no task.
-                _say_and_close(transport, refusal)
+                say_and_close(transport, refusal)
                 return
             self._admitted = True
         super().connection_made(transport)
@@ -122,6 +123,7 @@ class _Session(Guard):
             and not status.startswith("220")
         ):
             status = with_enhanced_status(status)
+            count_rejection(status)
         await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -164,7 +166,7 @@ class _Session(Guard):
 
     def goodbye(self, reply: Reply) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            _say_and_close(self.transport, reply)
+            say_and_close(self.transport, reply)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -178,20 +180,13 @@ class _Refuser(asyncio.Protocol):
         self._reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        _say_and_close(transport, self._reply)
+        say_and_close(transport, self._reply)
 
 
 def _peer_ip(peer: object) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return "unknown"
-
-
-def _say_and_close(transport: asyncio.BaseTransport, reply: Reply) -> None:
-    # uvloop's transports are not asyncio.WriteTransport subclasses: cast, don't isinstance.
-    writer = cast(asyncio.WriteTransport, transport)
-    writer.write(reply.line.encode() + b"\r\n")
-    writer.close()
 
 
 class FrontEnd:
@@ -216,12 +211,20 @@ class FrontEnd:
         self._draining = False
         self.refused_connections = 0
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def __repr__(self) -> str:
         state = "draining" if self._draining else "open"
         return (
             f"<FrontEnd {state} sessions={len(self.sessions)}/{self._config.max_connections}"
             f" clients={len(self._per_client)}>"
         )
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """A reload: limits and timeouts apply to sessions that start from now on."""
+        self._config = config
 
     def admit(self, session: _Session, client: str) -> bool:
         """Count a new session against its client's limit; False = over the limit."""
@@ -322,7 +325,7 @@ class FrontEnd:
             if not busy and not self.sessions:
                 break
             if self._clock.monotonic() >= deadline:
-                log.warning("smtp.drain_timeout aborting=%d sessions", len(self.sessions))
+                log.warning("smtp.drain_timeout sessions_aborted=%d", len(self.sessions))
                 for session in list(self.sessions):
                     session.abort()
                 break

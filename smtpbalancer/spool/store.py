@@ -3,6 +3,8 @@
 Layout under the spool directory:
     queue/<QUEUE-ID>          message file (see record.py)
     queue/<QUEUE-ID>.state    settled recipients, once any are settled
+    queue/<QUEUE-ID>.hold     empty marker: an operator held it (`smtpbalancer queue hold`);
+                              recovery counts it but it is not delivered until released
     queue/.tmp-*              being written; recovery deletes them
     quarantine/               corrupt entries moved aside, never delivered
     lock                      flock'd by the one process that owns the spool
@@ -37,6 +39,7 @@ from smtpbalancer.tasks import spawn
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".state"
+HOLD_SUFFIX = ".hold"
 TMP_PREFIX = ".tmp-"
 
 
@@ -125,6 +128,9 @@ class SpoolStore:
         self._lock_fd: int | None = None
         self.messages = 0
         self.bytes = 0
+        # Arrival time per queue id, in arrival order (queue ids are time-ordered and
+        # recovery adopts them sorted), so the oldest is the first key.
+        self._arrivals: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"<SpoolStore {self.directory} messages={self.messages} bytes={self.bytes}>"
@@ -160,6 +166,15 @@ class SpoolStore:
         """Count a message found by recovery."""
         self.messages += 1
         self.bytes += meta.body_size
+        self._arrivals[meta.queue_id] = meta.received_wall
+
+    def oldest_arrival(self) -> float | None:
+        """Wall time the oldest spooled message arrived, or None when the spool is empty."""
+        try:
+            first = next(iter(self._arrivals), None)
+            return None if first is None else self._arrivals.get(first)
+        except RuntimeError:  # read from the metrics thread while the loop mutated the dict
+            return None
 
     async def store(
         self, envelope: Envelope, body: bytes, client: str = "", queue_id: str = ""
@@ -183,6 +198,7 @@ class SpoolStore:
             raise
         self.messages += 1
         self.bytes += len(body)
+        self._arrivals[queue_id] = wall
         return MessageMeta(queue_id, envelope, wall, len(body), client, crc)
 
     async def load_body(self, meta: MessageMeta) -> bytes:
@@ -207,9 +223,10 @@ class SpoolStore:
         self.forget(meta)
 
     def forget(self, meta: MessageMeta) -> None:
-        """Stop counting a message whose file vanished."""
+        """Stop counting a message (delivered, quarantined, or its file vanished)."""
         self.messages -= 1
         self.bytes -= meta.body_size
+        self._arrivals.pop(meta.queue_id, None)
 
     async def quarantine(self, meta: MessageMeta, why: str) -> None:
         log.error("spool.quarantine queue_id=%s reason=%s", meta.queue_id, why)

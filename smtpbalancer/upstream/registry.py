@@ -21,6 +21,7 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.config import BreakerConfig, UpstreamConfig
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import SendResult, Signal
+from smtpbalancer.tasks import spawn
 from smtpbalancer.upstream.breaker import Breaker, BreakerPolicy, BreakerState, Transition
 from smtpbalancer.upstream.connection import Security, UpstreamConnection
 from smtpbalancer.upstream.pool import Pool
@@ -42,8 +43,11 @@ class Upstream:
         local_hostname: str,
         timeout_s: float,
         rand: Callable[[], float],
+        security: Security | None = None,
     ) -> None:
         self.config = config
+        self.local_hostname = local_hostname
+        self.timeout_s = timeout_s
         self.name = config.name
         self.breaker = Breaker(
             BreakerPolicy(
@@ -54,7 +58,10 @@ class Upstream:
             rand,
         )
         self.healthy = True
+        self.drained = False  # an operator took it out of rotation (admin endpoint)
+        self.weight = config.weight  # an operator may change it at runtime
         self.in_service_since = -math.inf  # slow start runs from here
+        self._clock = clock
         now = clock.monotonic()
         rate = config.rate_per_s
         self.bucket = TokenBucket(rate, now=now) if rate else None
@@ -63,15 +70,15 @@ class Upstream:
         self.metrics = metrics.UpstreamMetrics(config.name)
         # One pool per upstream, so sessions with different TLS settings or credentials
         # never share a pool; the TLS context is built once and shared by its sessions.
-        self.security = Security.of(config)
+        self.security = security or Security.of(config)
         self.pool = Pool(
             config.name,
             lambda: UpstreamConnection(
                 config.name,
                 config.host,
                 config.port,
-                local_hostname=local_hostname,
-                timeout_s=timeout_s,
+                local_hostname=self.local_hostname,
+                timeout_s=self.timeout_s,
                 security=self.security,
             ),
             clock,
@@ -97,11 +104,12 @@ class Upstream:
     def candidate(self, now: float) -> Candidate:
         eligible = (
             self.healthy
+            and not self.drained
             and self.breaker.eligible(now)
             and not (self.quota is not None and self.quota.exhausted(now))
         )
         weight = slow_start_weight(
-            self.config.weight, now - self.in_service_since, self.config.slow_start_s
+            self.weight, now - self.in_service_since, self.config.slow_start_s
         )
         ready_at = self.bucket.ready_at(now) if self.bucket else 0.0
         return Candidate(self.name, weight, self.config.backup, eligible, ready_at)
@@ -126,6 +134,32 @@ class Upstream:
                         raise
         raise AssertionError("unreachable")
 
+    def update(
+        self, cfg: UpstreamConfig, policy: BreakerPolicy, *, local_hostname: str, timeout_s: float
+    ) -> None:
+        """A reload kept this upstream: new weight and limits; breaker, pool and counters stay."""
+        old, self.config = self.config, cfg
+        if cfg.weight != old.weight:  # an operator's runtime weight stands until the file changes
+            self.weight = cfg.weight
+        self.breaker.retune(policy)
+        self.local_hostname, self.timeout_s = local_hostname, timeout_s
+        self.pool.resize(cfg.max_connections, cfg.max_messages_per_connection)
+        now = self._clock.monotonic()
+        if cfg.rate_per_s != old.rate_per_s:
+            rate = cfg.rate_per_s
+            self.bucket = TokenBucket(rate, now=now) if rate else None
+            self.aimd = Aimd(rate) if rate else None
+            self.metrics.effective_rate.set(rate or math.inf)
+        if cfg.daily_quota != old.daily_quota:
+            used = self.quota.used(now) if self.quota is not None else 0
+            self.quota = RollingQuota(cfg.daily_quota) if cfg.daily_quota else None
+            if self.quota is not None and used:
+                self.quota.record(now, used)  # counted as of now: errs on the safe side
+
+    def retire(self) -> None:
+        """Removed or replaced by a reload: never selected again; leases finish, idle ones QUIT."""
+        spawn(self.pool.close(), name=f"pool-retire:{self.name}")
+
 
 @dataclass(frozen=True, slots=True)
 class Pick:
@@ -133,6 +167,20 @@ class Pick:
 
     upstream: Upstream
     ticket: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigured:
+    """What a reload did to the upstreams, by name."""
+
+    kept: tuple[str, ...]  # same object: breaker, pool and counters survive
+    rebuilt: tuple[str, ...]  # added, or connection settings changed: a fresh Upstream
+    removed: tuple[str, ...]  # retired: never selected again, in-flight work finishes
+
+
+def _connection(cfg: UpstreamConfig) -> tuple[object, ...]:
+    """The settings a pooled session was opened with: any change needs a new pool."""
+    return (cfg.endpoint, cfg.tls, cfg.tls_verify, cfg.tls_ca, cfg.username, cfg.password)
 
 
 class Registry:
@@ -147,7 +195,7 @@ class Registry:
         rng: random.Random | None = None,
     ) -> None:
         self._clock = clock
-        rand = (rng or random.Random()).random
+        rand = self._rand = (rng or random.Random()).random
         self._by_name = {
             u.name: Upstream(
                 u, breaker, clock, local_hostname=local_hostname, timeout_s=timeout_s, rand=rand
@@ -221,6 +269,54 @@ class Registry:
                 )
                 self._set_rate(upstream, now)
 
+    def set_drained(self, name: str, drained: bool) -> bool:
+        """Take an upstream out of rotation (in-flight work finishes) or put it back."""
+        upstream = self._by_name.get(name)
+        if upstream is None:
+            return False
+        if upstream.drained is not drained:
+            upstream.drained = drained
+            log.warning("upstream.drained upstream=%s drained=%s", name, drained)
+            if not drained:
+                upstream.in_service_since = self._clock.monotonic()
+                self.on_recovery()
+        return True
+
+    def set_weight(self, name: str, weight: int) -> bool:
+        upstream = self._by_name.get(name)
+        if upstream is None:
+            return False
+        log.warning("upstream.weight upstream=%s weight=%d was=%d", name, weight, upstream.weight)
+        upstream.weight = weight
+        if weight > 0:
+            self.on_recovery()  # it may be the first eligible upstream again
+        return True
+
+    def eligible_count(self, now: float) -> int:
+        return sum(
+            1 for u in self._by_name.values() if (c := u.candidate(now)).eligible and c.weight > 0
+        )
+
+    def status(self, now: float) -> list[dict[str, object]]:
+        """A JSON-able snapshot per upstream for /status."""
+        return [
+            {
+                "name": u.name,
+                "address": u.config.endpoint,
+                "weight": u.weight,
+                "backup": u.config.backup,
+                "healthy": u.healthy,
+                "drained": u.drained,
+                "breaker": str(u.breaker.state),
+                "breaker_open_for_s": round(u.breaker.open_for_s, 1),
+                "connections": u.pool.size,
+                "effective_rate_per_s": u.effective_rate,
+                "daily_quota_used": u.quota.used(now) if u.quota is not None else None,
+                "eligible": u.candidate(now).eligible,
+            }
+            for u in self._by_name.values()
+        ]
+
     def abandon(self, pick: Pick) -> None:
         """The attempt sent nothing (body unreadable, cancelled): no verdict on the relay."""
         pick.upstream.breaker.abandon(pick.ticket)
@@ -255,6 +351,58 @@ class Registry:
             change.reason,
         )
         metrics.set_breaker_state(upstream.name, change.new.value, _STATES)
+
+    def reconfigure(
+        self,
+        configs: Sequence[UpstreamConfig],
+        breaker: BreakerConfig,
+        *,
+        local_hostname: str,
+        timeout_s: float,
+    ) -> Reconfigured:
+        """A reload: build every new upstream first, then swap the map in one assignment.
+
+        An upstream whose connection settings are unchanged is kept (breaker, pool,
+        counters, health) and gets its new weight and limits; one whose endpoint, TLS
+        or credentials changed gets a fresh Upstream and pool, and the old one retires
+        like a removed one. Raises (OSError, ssl.SSLError) before anything changed if
+        a new TLS context cannot be built.
+        """
+        current = self._by_name
+        securities = {
+            c.name: Security.of(c)  # the only step that can fail: done before any change
+            for c in configs
+            if (old := current.get(c.name)) is None or _connection(old.config) != _connection(c)
+        }
+        policy = BreakerPolicy(
+            breaker.failure_threshold, breaker.open_for_s, breaker.max_open_for_s
+        )
+        nxt: dict[str, Upstream] = {}
+        for cfg in configs:
+            kept = current.get(cfg.name)
+            if kept is not None and cfg.name not in securities:
+                kept.update(cfg, policy, local_hostname=local_hostname, timeout_s=timeout_s)
+                nxt[cfg.name] = kept
+                continue
+            nxt[cfg.name] = Upstream(
+                cfg,
+                breaker,
+                self._clock,
+                local_hostname=local_hostname,
+                timeout_s=timeout_s,
+                rand=self._rand,
+                security=securities[cfg.name],
+            )
+        retired = [u for name, u in current.items() if nxt.get(name) is not u]
+        self._by_name = nxt  # readers see the old map or the new one, never a mix
+        for upstream in retired:
+            upstream.retire()
+        self.on_recovery()  # added or re-weighted upstreams may take parked mail now
+        return Reconfigured(
+            kept=tuple(n for n in nxt if n not in securities),
+            rebuilt=tuple(securities),
+            removed=tuple(n for n in current if n not in nxt),
+        )
 
     async def close(self) -> None:
         for upstream in self._by_name.values():

@@ -231,7 +231,9 @@ def test_omitted_sections_take_their_defaults() -> None:
     assert relay.backup is False
 
 
-def test_every_section_is_read() -> None:
+def test_every_section_is_read(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret\n")
     cfg = from_mapping(
         {
             "server": {
@@ -251,7 +253,7 @@ def test_every_section_is_read() -> None:
                 "max_lifetime": "2d",
                 "timeout": "90s",
             },
-            "metrics": {"listen": "0.0.0.0:9100"},
+            "metrics": {"listen": "0.0.0.0:9100", "admin_token_file": str(token)},
             "health_check": {"interval": "10s", "timeout": "3s", "fall": 2, "rise": 4},
             "circuit_breaker": {"failure_threshold": 3, "open_for": "1m"},
             "upstream": [
@@ -278,7 +280,9 @@ def test_every_section_is_read() -> None:
     assert cfg.delivery == DeliveryConfig(
         retry_initial_s=60.0, retry_max_s=3600.0, max_lifetime_s=172_800.0, timeout_s=90.0
     )
-    assert cfg.metrics == MetricsConfig(host="0.0.0.0", port=9100, enabled=True)
+    assert cfg.metrics == MetricsConfig(
+        host="0.0.0.0", port=9100, enabled=True, admin_token="s3cret"
+    )
     assert cfg.health_check == HealthCheckConfig(interval_s=10.0, timeout_s=3.0, fall=2, rise=4)
     assert cfg.circuit_breaker == BreakerConfig(failure_threshold=3, open_for_s=60.0)
     primary, spare = cfg.upstreams
@@ -376,3 +380,14 @@ def test_load_reports_problems_in_the_file(tmp_path: Path) -> None:
 def test_durations_must_be_finite_and_not_negative(value: float) -> None:
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+def test_an_admin_listener_off_loopback_needs_a_token(tmp_path: Path) -> None:
+    assert problems_of({"metrics": {"listen": "0.0.0.0:9100"}, "upstream": [RELAY_A]}) == [
+        "metrics.admin_token_file: required when metrics.listen is not on loopback"
+    ]
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    assert problems_of({"metrics": {"admin_token_file": str(empty)}, "upstream": [RELAY_A]}) == [
+        f"metrics.admin_token_file: {empty} is empty"
+    ]
