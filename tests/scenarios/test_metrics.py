@@ -153,3 +153,46 @@ def test_alert_rules_pass_promtool_and_their_unit_tests() -> None:
     for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
         done = subprocess.run(["promtool", *args], cwd=rules, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def post(address: tuple[str, int], path: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{address[0]}:{address[1]}{path}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_draining_a_relay_through_the_admin_listener_moves_its_traffic(
+    tmp_path: Path, sinks
+) -> None:
+    kept, drained = await sinks("kept"), await sinks("drained")
+    cfg = make_config(
+        tmp_path / "spool",
+        [("kept", kept.address, 1), ("drained", drained.address, 1, {"slow_start": "0s"})],
+        metrics={"listen": "127.0.0.1:0"},
+    )
+    async with App(cfg) as app:
+        assert app.metrics_address is not None
+        code, _ = await asyncio.to_thread(post, app.metrics_address, "/upstreams/drained/drain")
+        assert code == 200
+        for _ in range(10):
+            _, body = make_message()
+            await send_mail(app.smtp_address[1], body)
+        await wait_until(lambda: kept.messages == 10)
+        assert drained.messages == 0
+        status = json.loads((await asyncio.to_thread(get, app.metrics_address, "/status"))[1])
+        assert [u["drained"] for u in status["upstreams"]] == [False, True]
+
+        code, _ = await asyncio.to_thread(post, app.metrics_address, "/upstreams/drained/undrain")
+        assert code == 200
+        code, _ = await asyncio.to_thread(
+            post, app.metrics_address, "/upstreams/kept/weight?value=0"
+        )
+        assert code == 200
+        for _ in range(10):
+            _, body = make_message()
+            await send_mail(app.smtp_address[1], body)
+        await wait_until(lambda: drained.messages == 10 and app.store.messages == 0)
+    assert kept.messages == 10
