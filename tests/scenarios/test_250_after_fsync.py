@@ -41,7 +41,7 @@ def completions(trace: str) -> list[str]:
             continue
         pid, text = found.groups()
         if text.endswith("<unfinished ...>"):
-            pending[pid] = text[: -len("<unfinished ...>")]
+            pending[pid] = text[: -len("<unfinished ...>")].rstrip()  # "fsync(7</q> " + ") = 0"
         elif text.startswith("<... "):
             done.append(pending.pop(pid, "") + text.split("resumed>", 1)[-1])
         else:
