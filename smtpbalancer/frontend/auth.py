@@ -78,10 +78,7 @@ class Authenticator:
     async def plain(self, server: Any, args: list[str]) -> AuthResult:
         if await self._refuse_blocked(server):
             return _HANDLED
-        if len(args) > 1:
-            response = await _decode(server, args[1])
-        else:
-            response = await _challenge(server, b"")
+        response = await _first_response(server, args, b"")
         if response is None:
             return _HANDLED
         parts = response.split(b"\x00")
@@ -96,10 +93,7 @@ class Authenticator:
     async def login(self, server: Any, args: list[str]) -> AuthResult:
         if await self._refuse_blocked(server):
             return _HANDLED
-        if len(args) > 1:
-            user = await _decode(server, args[1])
-        else:
-            user = await _challenge(server, b"Username:")
+        user = await _first_response(server, args, b"Username:")
         if user is None:
             return _HANDLED
         password = await _challenge(server, b"Password:")
@@ -192,6 +186,13 @@ async def _challenge(server: Any, text: bytes) -> bytes | None:
         await server.push(replies.AUTH_ABORTED.line)
         return None
     return await _decode(server, blob.decode("ascii", "replace"))
+
+
+async def _first_response(server: Any, args: list[str], prompt: bytes) -> bytes | None:
+    """The initial response given with AUTH (RFC 4954 §4), or the answer to a challenge."""
+    if len(args) > 1:
+        return await _decode(server, args[1])
+    return await _challenge(server, prompt)
 
 
 async def _decode(server: Any, text: str) -> bytes | None:

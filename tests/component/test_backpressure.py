@@ -11,7 +11,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from support.mail import make_message
+from support.mail import connected_client, make_message
 from support.proxy import config_mapping
 from support.waiting import wait_until
 
@@ -38,16 +38,7 @@ def held_sink_rule(held: dict[str, bool]) -> Any:
 
 
 async def connect(app: App, source: str = "127.0.0.1") -> aiosmtplib.SMTP:
-    client = aiosmtplib.SMTP(
-        hostname="127.0.0.1",
-        port=app.smtp_address[1],
-        start_tls=False,
-        timeout=5,
-        source_address=(source, 0),
-    )
-    await client.connect()
-    await client.ehlo(hostname="client.test")
-    return client
+    return await connected_client(app.smtp_address[1], source)
 
 
 async def refused_at_mail(client: aiosmtplib.SMTP, size: int) -> tuple[int, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support.mail import make_message
+from support.mail import connected_client, make_message
 from support.proxy import make_config
 from support.waiting import wait_until
 
@@ -35,16 +35,7 @@ async def app(tmp_path: Path, sinks) -> AsyncIterator[App]:
 
 
 async def connect(app: App, source: str = "127.0.0.1") -> aiosmtplib.SMTP:
-    client = aiosmtplib.SMTP(
-        hostname="127.0.0.1",
-        port=app.smtp_address[1],
-        start_tls=False,
-        timeout=5,
-        source_address=(source, 0),
-    )
-    await client.connect()
-    await client.ehlo(hostname="client.test")
-    return client
+    return await connected_client(app.smtp_address[1], source)
 
 
 async def test_ehlo_advertises_what_esp_clients_look_for(app: App) -> None:

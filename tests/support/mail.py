@@ -54,3 +54,13 @@ async def send_mail(
             await client.quit()
         except aiosmtplib.SMTPException:
             client.close()
+
+
+async def connected_client(port: int, source: str = "127.0.0.1") -> aiosmtplib.SMTP:
+    """An aiosmtplib client from `source` (any 127/8 address), connected and past EHLO."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, timeout=5, source_address=(source, 0)
+    )
+    await client.connect()
+    await client.ehlo(hostname="client.test")
+    return client
