@@ -21,7 +21,7 @@ from support.proxy import make_config
 from support.waiting import wait_until
 
 from smtpbalancer.app import App
-from smtpbalancer.config import UpstreamTls
+from smtpbalancer.config import Config, UpstreamTls
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.sink import Sink
 from smtpbalancer.tls import client_context
@@ -65,6 +65,15 @@ async def relay_one(app: App, sink: Sink) -> None:
     _, body = make_message()
     await send_mail(app.smtp_address[1], body)
     await wait_until(lambda: sink.messages == 1 and app.store.messages == 0, timeout=4)
+
+
+async def queued_after_the_breaker_opens(cfg: Config, upstream: str) -> int:
+    """Send one message, wait until the upstream's breaker opens; how many stay spooled."""
+    async with App(cfg) as app:
+        await send_mail(app.smtp_address[1], make_message()[1])
+        breaker = app.registry[upstream].breaker
+        await wait_until(lambda: breaker.state is BreakerState.OPEN, timeout=4)
+        return app.store.messages
 
 
 async def test_starttls_with_a_pinned_ca_relays_over_tls(
@@ -118,11 +127,9 @@ async def test_an_untrusted_certificate_defers_and_never_falls_back_to_plaintext
     cfg = make_config(
         tmp_path / "spool", [("mitm", sink.address, 1, extra)], circuit_breaker=TRIP_AT_ONCE
     )
-    async with App(cfg) as app:
-        await send_mail(app.smtp_address[1], make_message()[1])
-        breaker = app.registry["mitm"].breaker
-        await wait_until(lambda: breaker.state is BreakerState.OPEN, timeout=4)
-        assert app.store.messages == 1, "deferred: still queued, not bounced"
+    assert await queued_after_the_breaker_opens(cfg, "mitm") == 1, (
+        "deferred: still queued, not bounced"
+    )
     assert sink.connections >= 1
     assert mails == [] and sink.messages == 0, "no MAIL, not even in plaintext"
     assert "upstream.breaker upstream=mitm closed->open reason=" in caplog.text
@@ -138,11 +145,7 @@ async def test_starttls_required_but_not_offered_breaks_the_session(
     cfg = make_config(
         tmp_path / "spool", [("stripped", sink.address, 1, extra)], circuit_breaker=TRIP_AT_ONCE
     )
-    async with App(cfg) as app:
-        await send_mail(app.smtp_address[1], make_message()[1])
-        breaker = app.registry["stripped"].breaker
-        await wait_until(lambda: breaker.state is BreakerState.OPEN, timeout=4)
-        assert app.store.messages == 1
+    assert await queued_after_the_breaker_opens(cfg, "stripped") == 1
     assert mails == []
 
 
@@ -196,11 +199,9 @@ async def test_a_wrong_password_is_deferred_not_bounced_and_opens_the_breaker(
     cfg = make_config(
         tmp_path / "spool", [("deny", sink.address, 1, extra)], circuit_breaker=TRIP_AT_ONCE
     )
-    async with App(cfg) as app:
-        await send_mail(app.smtp_address[1], make_message()[1])
-        breaker = app.registry["deny"].breaker
-        await wait_until(lambda: breaker.state is BreakerState.OPEN, timeout=4)
-        assert app.store.messages == 1, "deferred, still queued: a 535 is no reason to bounce"
+    assert await queued_after_the_breaker_opens(cfg, "deny") == 1, (
+        "deferred, still queued: a 535 is no reason to bounce"
+    )
     assert sink.auth_failures >= 1
     assert mails == [] and sink.messages == 0
     assert "last: auth: 451 4.4.2 auth with deny: 5.7.8" in caplog.text
