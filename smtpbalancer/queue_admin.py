@@ -113,9 +113,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     trace.add_argument("--json", action="store_true")
 
 
+READ_ONLY = frozenset({"list", "summary", "show"})
+
+
 def run(args: argparse.Namespace) -> int:
+    # Reading needs no lock: every spool file is written whole and renamed into place, so
+    # list/summary/show/trace also work on the spool of a running instance.
+    read_only = args.command == "trace" or getattr(args, "action", "") in READ_ONLY
     try:
-        with offline_spool(args.config) as store:
+        with offline_spool(args.config, lock=not read_only) as store:
             if args.command == "trace":
                 return _trace(store, args)
             return _queue(store, args)
@@ -125,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def offline_spool(config_path: Path) -> Iterator[SpoolStore]:
-    """The configured spool, locked for the duration; Refused if an instance runs on it."""
+def offline_spool(config_path: Path, *, lock: bool = True) -> Iterator[SpoolStore]:
+    """The configured spool; with `lock`, locked for the duration (Refused if an instance
+    runs on it), else a read-only view that a running instance may change underneath."""
     try:
         cfg = config.load(config_path)
     except ConfigError as exc:
@@ -136,12 +143,13 @@ def offline_spool(config_path: Path) -> Iterator[SpoolStore]:
         raise Refused(f"no spool at {directory}")
     store = SpoolStore(directory, SystemClock(), threads=1)
     try:
-        store.open()
+        if lock:
+            store.open()
     except SpoolError:
         store.close()
         raise Refused(
             f"the spool {directory} is locked by a running instance: stop it first "
-            "(offline commands only; a running instance is inspected through its admin endpoint)"
+            "(list, summary, show and trace work while it runs; changes need it stopped)"
         ) from None
     try:
         yield store
@@ -151,11 +159,15 @@ def offline_spool(config_path: Path) -> Iterator[SpoolStore]:
 
 def entries(store: SpoolStore) -> list[Entry]:
     names = set(os.listdir(store.queue_dir))
-    return [
-        read_entry(store, name, names)
-        for name in sorted(names)
-        if not name.startswith(TMP_PREFIX) and not name.endswith((STATE_SUFFIX, HOLD_SUFFIX))
-    ]
+    found = []
+    for name in sorted(names):
+        if name.startswith(TMP_PREFIX) or name.endswith((STATE_SUFFIX, HOLD_SUFFIX)):
+            continue
+        try:
+            found.append(read_entry(store, name, names))
+        except Refused:  # delivered and removed by a running instance since the listing
+            continue
+    return found
 
 
 def read_entry(store: SpoolStore, name: str, names: set[str] | None = None) -> Entry:

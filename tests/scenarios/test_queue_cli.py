@@ -68,7 +68,10 @@ async def _fill_spool(tmp_path: Path, proxies: Any, *, check_lock: bool = False)
         _, reply = await send_mail(proxy.port, body, sender=sender, rcpts=rcpts)
         ids.append(reply.split()[-1])
     if check_lock:
-        code, _, err = await cli("queue", "list", "--config", str(cfg))
+        # Reading works on a running instance's spool; changing it needs the instance stopped.
+        live = await cli_json("queue", "summary", "--config", str(cfg))
+        assert live["messages"] == 3
+        code, _, err = await cli("queue", "hold", ids[0], "--config", str(cfg))
         assert code == 1
         assert "locked by a running instance" in err
     proxy.signal(signal.SIGTERM)
@@ -77,7 +80,9 @@ async def _fill_spool(tmp_path: Path, proxies: Any, *, check_lock: bool = False)
     return ids
 
 
-async def test_list_show_summary_and_refusal_while_running(tmp_path: Path, proxies: Any) -> None:
+async def test_list_show_summary_live_and_offline_and_changes_refused_while_running(
+    tmp_path: Path, proxies: Any
+) -> None:
     ids = await _fill_spool(tmp_path, proxies, check_lock=True)
     cfg = str(tmp_path / "proxy.toml")
 
