@@ -34,9 +34,25 @@ def _finished(task: asyncio.Task[Any]) -> None:
         log.error("task.crashed name=%s error=%r", task.get_name(), exc, exc_info=exc)
 
 
+RECANCEL_EVERY_S = 0.5
+
+
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel tasks and wait until every one has finished unwinding."""
+    """Cancel tasks and wait until every one has finished unwinding.
+
+    A task can swallow a cancellation: on Python 3.11, `asyncio.wait_for` (used inside
+    aiosmtplib and around QUIT) may return its inner result when the cancel lands just
+    as that result arrives, and a loop then carries on as if never cancelled. So a
+    task still running after a short wait is cancelled again, until it stops.
+    """
     for task in tasks:
         task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY_S)
+        for task in pending:
+            log.debug("task.recancel name=%s", task.get_name())
+            task.cancel()
+    for task in tasks:  # retrieve outcomes so none is reported as never retrieved
+        if not task.cancelled():
+            task.exception()
