@@ -42,6 +42,22 @@ class Pressure:
     min_free_disk_bytes: int  # the floor below which nothing is admitted
 
 
+def client_ip(peer: object) -> str:
+    """The client's address from a socket peer tuple (or a PROXY-protocol one), or "unknown".
+
+    The one place the front end turns a peer into the address that relay policy,
+    per-client limits, AUTH throttling and logs all use, so they can never disagree.
+    """
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
+
+
+def session_ip(session: object) -> str:
+    """client_ip of an aiosmtpd Session (its `peer` is the PROXY'd client when there is one)."""
+    return client_ip(getattr(session, "peer", None))
+
+
 def may_relay(client_ip: str, networks: Sequence[Network]) -> bool:
     try:
         addr = ipaddress.ip_address(client_ip.split("%", 1)[0])

@@ -36,6 +36,7 @@ from aiosmtpd.smtp import AuthResult
 from smtpbalancer import passwords, replies
 from smtpbalancer.clock import Clock
 from smtpbalancer.config import ServerConfig
+from smtpbalancer.frontend.admission import session_ip
 from smtpbalancer.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Authenticator:
         stored = self._users.get(name)
         async with self._kdf_slots:
             matched = await asyncio.to_thread(passwords.verify, stored or passwords.DUMMY, password)
-        client = _client_ip(server)
+        client = session_ip(server.session)
         if matched and stored is not None:
             self.successes += 1
             self._user_of[server] = name
@@ -138,7 +139,7 @@ class Authenticator:
         return _HANDLED
 
     async def _refuse_blocked(self, server: Any) -> bool:
-        client = _client_ip(server)
+        client = session_ip(server.session)
         if not self._blocked(client):
             return False
         log.warning("smtp.auth_blocked client=%s window_s=%.0f", client, self._window_s)
@@ -212,10 +213,3 @@ async def _goodbye(server: Any, reply: Reply) -> None:
         server._handler_coroutine.cancel()
     if server.transport is not None:
         server.transport.close()
-
-
-def _client_ip(server: Any) -> str:
-    peer = server.session.peer if server.session is not None else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "unknown"

@@ -38,6 +38,7 @@ from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, SMTP, TLSSetupException
 from smtpbalancer import metrics, replies
 from smtpbalancer.config import ServerConfig
 from smtpbalancer.frontend import hardening
+from smtpbalancer.frontend.admission import session_ip
 from smtpbalancer.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Guard(SMTP):
             session.peer = self._proxied_peer  # STARTTLS starts a new Session
 
     def _timeout_cb(self) -> None:
-        log.info("smtp.timeout client=%s", _peer_ip(self.session))
+        log.info("smtp.timeout client=%s", session_ip(self.session))
         self.say_and_close(replies.TIMEOUT)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
@@ -114,7 +115,7 @@ class Guard(SMTP):
                 if error is not None:
                     bad_lines += 1
                     if bad_lines > self._guard.max_unknown_commands:
-                        log.info("smtp.bad_commands client=%s", _peer_ip(self.session))
+                        log.info("smtp.bad_commands client=%s", session_ip(self.session))
                         self.say_and_close(replies.TOO_MANY_BAD_COMMANDS)
                         return
                     await self.push(error)
@@ -186,7 +187,7 @@ class Guard(SMTP):
         try:
             status: str = await self.handle_exception(error)
         except Exception:
-            log.exception("smtp.handler_error client=%s", _peer_ip(self.session))
+            log.exception("smtp.handler_error client=%s", session_ip(self.session))
             status = "500 Error: Cannot describe error"
         return status
 
@@ -200,7 +201,7 @@ class Guard(SMTP):
         except TimeoutError:
             return True
         if early:
-            log.info("smtp.pregreet client=%s", _peer_ip(self.session))
+            log.info("smtp.pregreet client=%s", session_ip(self.session))
             self.say_and_close(replies.TALKED_TOO_SOON)
         return False
 
@@ -212,13 +213,13 @@ class Guard(SMTP):
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             data = None
         if data is None or not data.valid:
-            log.warning("smtp.proxy_header_invalid peer=%s", _peer_ip(self.session))
+            log.warning("smtp.proxy_header_invalid peer=%s", session_ip(self.session))
             return False
         if data.src_addr is not None:  # None: LOCAL/UNKNOWN, the balancer itself
             self._proxied_peer = (str(data.src_addr), int(data.src_port or 0))
             session: Any = self.session
             session.peer = self._proxied_peer
-        refusal = self.admit_proxied(_peer_ip(self.session))
+        refusal = self.admit_proxied(session_ip(self.session))
         if refusal is not None:
             self.say_and_close(refusal)
             return False
@@ -260,13 +261,6 @@ def count_rejection(line: str) -> None:
     reason = _REJECTION_REASONS.get(line)
     if reason is not None:
         metrics.rejected(reason)
-
-
-def _peer_ip(session: Any) -> str:
-    peer = getattr(session, "peer", None)
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "unknown"
 
 
 # Our overrides must keep aiosmtpd's per-command metadata (HELP text, syntax).

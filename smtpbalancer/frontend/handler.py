@@ -127,7 +127,7 @@ class Handler:
     ) -> str:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
-        client_ip = _peer_ip(session)
+        client_ip = admission.session_ip(session)
         refusal = admission.on_mail_relay(self._limits, client_ip, self._authenticated(server))
         if refusal is not None:
             log.warning("smtp.auth_required client=%s", client_ip)
@@ -136,9 +136,7 @@ class Handler:
         size = admission.declared_size(options)
         refusal = admission.on_mail(self._snapshot(), size)
         if refusal is not None:
-            log.debug(
-                "smtp.storage_low client=%s declared=%d %r", _peer_ip(session), size, self._pressure
-            )
+            log.debug("smtp.storage_low client=%s declared=%d %r", client_ip, size, self._pressure)
             return refusal.line
         if size:
             self._reserved[server] = size
@@ -156,7 +154,7 @@ class Handler:
     ) -> str:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
-        client_ip = _peer_ip(session)
+        client_ip = admission.session_ip(session)
         refusal = admission.on_rcpt(
             self._limits, client_ip, len(envelope.rcpt_tos), self._authenticated(server)
         )
@@ -173,7 +171,7 @@ class Handler:
         return replies.OK_RECIPIENT.line
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        client_ip = _peer_ip(session)
+        client_ip = admission.session_ip(session)
         # Bare CR/LF normalised, NUL refused, before spooling (hardening.py, invariant 7).
         content, refusal = hardening.clean_body(envelope.original_content)
         if refusal is not None:
@@ -258,10 +256,3 @@ class Handler:
     async def auth_LOGIN(self, server: Any, args: list[str]) -> Any:
         assert self._auth is not None
         return await self._auth.login(server, args)
-
-
-def _peer_ip(session: Any) -> str:
-    peer = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "unknown"

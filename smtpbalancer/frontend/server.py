@@ -88,7 +88,7 @@ class _Session(Guard):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the STARTTLS re-entry
-            client = _peer_ip(transport.get_extra_info("peername"))
+            client = admission.client_ip(transport.get_extra_info("peername"))
             if self.expects_proxy:  # the client is counted once the PROXY header names it
                 refusal = self._frontend.admit_balancer(self, client)
             elif self._frontend.admit(self, client):
@@ -181,12 +181,6 @@ class _Refuser(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         say_and_close(transport, self._reply)
-
-
-def _peer_ip(peer: object) -> str:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "unknown"
 
 
 class FrontEnd:

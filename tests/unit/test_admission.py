@@ -188,3 +188,15 @@ def test_declared_size(options: list[str], size: int) -> None:
 def test_tarpit_delay(above: float, usage: float, delay: float) -> None:
     limits = Limits(3, nets("127.0.0.0/8"), tarpit_above_percent=above, tarpit_delay_s=1.5)
     assert tarpit_delay(limits, usage) == delay
+
+
+def test_client_ip_from_a_peer_tuple_or_a_session() -> None:
+    from types import SimpleNamespace
+
+    from smtpbalancer.frontend.admission import client_ip, session_ip
+
+    assert client_ip(("203.0.113.7", 5555)) == "203.0.113.7"
+    assert client_ip(("::1", 25, 0, 0)) == "::1"
+    assert client_ip(None) == "unknown"
+    assert session_ip(SimpleNamespace(peer=("127.0.0.2", 4000))) == "127.0.0.2"
+    assert session_ip(None) == "unknown"
