@@ -96,7 +96,6 @@ class UpstreamMetrics:
         "deferred",
         "delivered",
         "effective_rate",
-        "failed",
         "seconds",
     )
 
@@ -105,7 +104,6 @@ class UpstreamMetrics:
         self.deferred = MESSAGES_DEFERRED.labels(upstream)
         self.attempt_ok = DELIVERY_ATTEMPTS.labels(upstream, "answered")
         self.attempt_broken = DELIVERY_ATTEMPTS.labels(upstream, "session_failed")
-        self.failed = DELIVERY_ATTEMPTS.labels(upstream, "rejected")
         self.seconds = DELIVERY_SECONDS.labels(upstream)
         self.effective_rate = UPSTREAM_EFFECTIVE_RATE.labels(upstream)
 
