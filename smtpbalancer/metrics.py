@@ -7,6 +7,7 @@ never sender, recipient or domain. `_created` series are off.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import prometheus_client
@@ -128,6 +129,28 @@ def bind_upstream_gauges(
 ) -> None:
     UPSTREAM_CONNECTIONS.labels(upstream).set_function(connections)
     UPSTREAM_HEALTHY.labels(upstream).set_function(healthy)
+
+
+def forget_upstream(upstream: str, states: tuple[str, ...]) -> None:
+    """Drop every series labelled with a removed upstream, so dashboards stop showing it."""
+    for family in (
+        MESSAGES_DELIVERED,
+        MESSAGES_DEFERRED,
+        DELIVERY_SECONDS,
+        UPSTREAM_CONNECTIONS,
+        UPSTREAM_HEALTHY,
+        UPSTREAM_EFFECTIVE_RATE,
+    ):
+        _remove(family, upstream)
+    for outcome in ("answered", "session_failed"):
+        _remove(DELIVERY_ATTEMPTS, upstream, outcome)
+    for state in states:
+        _remove(UPSTREAM_CIRCUIT_STATE, upstream, state)
+
+
+def _remove(family: Counter | Gauge | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never bound (e.g. no delivery yet)
+        family.remove(*labels)
 
 
 def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:

@@ -156,9 +156,18 @@ class Upstream:
             if self.quota is not None and used:
                 self.quota.record(now, used)  # counted as of now: errs on the safe side
 
-    def retire(self) -> None:
-        """Removed or replaced by a reload: never selected again; leases finish, idle ones QUIT."""
-        spawn(self.pool.close(), name=f"pool-retire:{self.name}")
+    def retire(self, still_named: Callable[[str], bool]) -> None:
+        """Removed or replaced by a reload: never selected again; leases finish, idle ones QUIT.
+
+        Once the last lease is back, a name no longer in the pool loses its metric
+        series (a replaced upstream shares them with its successor, so they stay).
+        """
+        spawn(self._close_and_forget(still_named), name=f"pool-retire:{self.name}")
+
+    async def _close_and_forget(self, still_named: Callable[[str], bool]) -> None:
+        await self.pool.close()
+        if not still_named(self.name):
+            metrics.forget_upstream(self.name, _STATES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +359,8 @@ class Registry:
             change.new,
             change.reason,
         )
-        metrics.set_breaker_state(upstream.name, change.new.value, _STATES)
+        if self._by_name.get(upstream.name) is upstream:  # not a retired one finishing work
+            metrics.set_breaker_state(upstream.name, change.new.value, _STATES)
 
     def reconfigure(
         self,
@@ -396,7 +406,7 @@ class Registry:
         retired = [u for name, u in current.items() if nxt.get(name) is not u]
         self._by_name = nxt  # readers see the old map or the new one, never a mix
         for upstream in retired:
-            upstream.retire()
+            upstream.retire(lambda name: name in self._by_name)
         self.on_recovery()  # added or re-weighted upstreams may take parked mail now
         return Reconfigured(
             kept=tuple(n for n in nxt if n not in securities),

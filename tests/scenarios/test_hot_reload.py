@@ -48,6 +48,15 @@ async def sender(
     await smtp.quit()
 
 
+def series_of(upstream: str) -> list[str]:
+    return [
+        sample.name
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.labels.get("upstream") == upstream
+    ]
+
+
 async def test_reload_under_load_reweights_adds_and_removes_without_loss(
     tmp_path: Path, sinks
 ) -> None:
@@ -89,6 +98,8 @@ async def test_reload_under_load_reweights_adds_and_removes_without_loss(
         assert app.registry["hr-b"].weight == 5
         assert [u.name for u in app.registry] == ["hr-a", "hr-b", "hr-d"]
         assert removed.pool.size == 0, "the removed upstream's pool drained and closed"
+        await wait_until(lambda: not series_of("hr-c"))  # dashboards stop showing it
+        assert series_of("hr-a") and series_of("hr-d")
         assert app.health.healthy("hr-d"), "the added upstream is probed"
         with pytest.raises(KeyError):
             app.health.healthy("hr-c")  # the removed one is not
