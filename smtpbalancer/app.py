@@ -15,7 +15,7 @@ import ssl
 from pathlib import Path
 from types import TracebackType
 
-from smtpbalancer import __version__, metrics, tls
+from smtpbalancer import __version__, metrics, passwords, tls
 from smtpbalancer.admin import AdminApp, AdminHooks, AdminServer, Readiness
 from smtpbalancer.clock import Clock, SystemClock
 from smtpbalancer.config import Config
@@ -198,23 +198,6 @@ class App:
             auth = Authenticator.from_file(server.users_file, server, self.clock)
         return context, auth
 
-    def reload_tls(self) -> bool:
-        """SIGHUP: load the certificate and key again into the live context.
-
-        New handshakes use the new certificate; on any error the old one stays and
-        the error is logged. Returns True when the new certificate is in use.
-        """
-        server = self.config.server
-        if self.tls_context is None or server.tls_cert is None or server.tls_key is None:
-            return False
-        try:
-            tls.reload_server_context(self.tls_context, server.tls_cert, server.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("tls.reload_failed cert=%s error=%s keeping=old", server.tls_cert, exc)
-            return False
-        log.info("tls.reloaded cert=%s", server.tls_cert)
-        return True
-
     async def reload(self) -> str:
         """SIGHUP and the admin hook: re-read the config file; returns the one-line outcome.
 
@@ -230,6 +213,10 @@ class App:
         server = cfg.server
         if self.tls_context is not None and server.tls_cert and server.tls_key:
             tls.server_context(server.tls_cert, server.tls_key)  # raises: nothing changed yet
+        users = None
+        if self.authenticator is not None and server.users_file is not None:
+            # Re-read even when the path is unchanged: adding a user is an edit + SIGHUP.
+            users = passwords.parse_users(server.users_file.read_text(encoding="utf-8"))
         done = self.registry.reconfigure(
             cfg.upstreams,
             cfg.circuit_breaker,
@@ -253,6 +240,9 @@ class App:
             hostname=server.hostname,
         )
         self.capacity.reconfigure(cfg.spool)
+        if self.authenticator is not None and users is not None:
+            self.authenticator.reconfigure(users, server)
+            log.info("auth.users_reloaded users=%d file=%s", len(users), server.users_file)
         self.handler.reconfigure(
             hostname=server.hostname,
             limits=_limits(cfg, auth_offered=self.authenticator is not None),

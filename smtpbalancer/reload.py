@@ -46,7 +46,6 @@ RESTART_ONLY: Final = frozenset(
     {
         "server.listen",
         "server.tls_listen",
-        "server.users_file",
         "spool.directory",
         "metrics.listen",
         "metrics.admin_token_file",
@@ -91,23 +90,28 @@ def diff(old: Config, new: Config) -> Diff:
     for section in _SECTIONS:
         found = _fields(section, getattr(old, section), getattr(new, section))
         keys.extend(f"{section}.{k}" for k in found)
-    tls_toggled = old.server.tls_enabled != new.server.tls_enabled
     keys.extend(_upstreams(old.upstreams, new.upstreams))
     restart = [k for k in keys if k in RESTART_ONLY]
-    if tls_toggled:  # turning STARTTLS on or off rebuilds the listener
+    if old.server.tls_enabled != new.server.tls_enabled:  # STARTTLS on/off: a new listener
         restart.extend(k for k in ("server.tls_cert", "server.tls_key") if k in keys)
+    if _auth_toggled(old, new):  # AUTH on/off changes what EHLO offers: a new listener
+        restart.append("server.users_file")
     live = tuple(k for k in keys if k not in restart)
     return Diff(changed=live, restart_required=tuple(restart))
+
+
+def _auth_toggled(old: Config, new: Config) -> bool:
+    return (old.server.users_file is None) != (new.server.users_file is None)
 
 
 def keep_restart_only(old: Config, new: Config) -> Config:
     """`new` with the old value of every restart-only setting (those stay until a restart)."""
     o, n = old.server, new.server
-    server = dataclasses.replace(
-        n, host=o.host, port=o.port, tls_listen=o.tls_listen, users_file=o.users_file
-    )
+    server = dataclasses.replace(n, host=o.host, port=o.port, tls_listen=o.tls_listen)
     if o.tls_enabled != n.tls_enabled:
         server = dataclasses.replace(server, tls_cert=o.tls_cert, tls_key=o.tls_key)
+    if _auth_toggled(old, new):
+        server = dataclasses.replace(server, users_file=o.users_file)
     spool = dataclasses.replace(new.spool, directory=old.spool.directory)
     return dataclasses.replace(new, server=server, spool=spool, metrics=old.metrics)
 

@@ -47,12 +47,8 @@ _HANDLED = AuthResult(success=False, handled=True)
 
 class Authenticator:
     def __init__(self, users: Mapping[str, passwords.Scrypt], cfg: ServerConfig, clock: Clock):
-        self._users = users
-        self._max_failures = cfg.auth_max_failures
-        self._max_per_client = cfg.auth_max_failures_per_client
-        self._window_s = cfg.auth_failure_window_s
-        self._delay_s = cfg.auth_failure_delay_s
         self._clock = clock
+        self.reconfigure(users, cfg)
         self._kdf_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         # Keyed by the SMTP protocol object: one per connection, survives STARTTLS.
         self._user_of: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -65,6 +61,18 @@ class Authenticator:
     def from_file(cls, path: Path, cfg: ServerConfig, clock: Clock) -> Authenticator:
         users = passwords.parse_users(path.read_text(encoding="utf-8"))
         return cls(users, cfg, clock)
+
+    def reconfigure(self, users: Mapping[str, passwords.Scrypt], cfg: ServerConfig) -> None:
+        """A reload: the users file's new contents and limits apply to the next AUTH.
+
+        Connections that already authenticated stay authenticated (like a changed
+        password on a logged-in session); failure counts carry over.
+        """
+        self._users = users
+        self._max_failures = cfg.auth_max_failures
+        self._max_per_client = cfg.auth_max_failures_per_client
+        self._window_s = cfg.auth_failure_window_s
+        self._delay_s = cfg.auth_failure_delay_s
 
     def __repr__(self) -> str:
         return (

@@ -25,6 +25,7 @@ from support.mail import make_message
 from support.proxy import config_mapping, make_config, to_toml
 from support.waiting import wait_until
 
+from smtpbalancer import config
 from smtpbalancer.app import App
 
 USER = "alice"
@@ -307,23 +308,66 @@ async def test_passwords_never_reach_the_logs(
     assert auth_plain_blob(USER, PASSWORD).decode() not in text
 
 
-async def test_reload_tls_swaps_the_certificate_and_keeps_it_on_a_bad_file(
-    app: App, certs: Certs
+@pytest.fixture
+async def reloadable(tmp_path: Path, sinks, certs: Certs, users_file: Path) -> AsyncIterator[App]:
+    """Like `app`, but started from a config file, so that reload() re-reads it."""
+    relay = await sinks("relay")
+    raw = config_mapping(tmp_path / "spool", [("relay", relay.address, 1)])
+    raw["server"].update(security(certs, users_file))
+    path = tmp_path / "relay.toml"
+    path.write_text(to_toml(raw))
+    async with App(config.load(path), config_path=path) as running:
+        yield running
+
+
+def rewrite(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+async def auth_code(app: App, certs: Certs, user: str, password: str) -> int:
+    client = await connect(app, certs, source="127.0.0.2")
+    await client.starttls()
+    await client.ehlo(hostname="client.test")
+    try:
+        return (await client.auth_plain(user, password)).code
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        return exc.code
+    finally:
+        client.close()
+
+
+async def test_reload_rereads_the_users_file_and_keeps_it_when_the_new_one_is_bad(
+    reloadable: App, certs: Certs, users_file: Path, users_line: str
+) -> None:
+    bob_line = users_line.replace(f"{USER}:", "bob:", 1)  # same password, another user
+    assert await auth_code(reloadable, certs, "bob", PASSWORD) == 535
+    rewrite(users_file, f"{users_line}\n{bob_line}\n")
+    assert (await reloadable.reload()).startswith("reload generation=2")
+    assert await auth_code(reloadable, certs, "bob", PASSWORD) == 235
+    assert await auth_code(reloadable, certs, USER, PASSWORD) == 235
+
+    rewrite(users_file, f"{bob_line}\ngarbage\n")
+    assert (await reloadable.reload()).startswith("reload failed generation=2 kept=old")
+    assert await auth_code(reloadable, certs, USER, PASSWORD) == 235  # the old users stay
+
+
+async def test_reload_swaps_the_certificate_and_keeps_it_on_a_bad_file(
+    reloadable: App, certs: Certs
 ) -> None:
     second = certs.issue()
-    assert app.reload_tls()
-    client = await connect(app, certs)  # trusts only the first CA
+    assert (await reloadable.reload()).startswith("reload generation=2")
+    client = await connect(reloadable, certs)  # trusts only the first CA
     with pytest.raises((ssl.SSLError, aiosmtplib.SMTPException)):
         await client.starttls()
     client.close()
     certs.ca = second
-    client = await connect(app, certs)
+    client = await connect(reloadable, certs)
     await client.starttls()
     await client.quit()
 
     certs.key.write_text("not a key\n")
-    assert not app.reload_tls()  # logged; the second certificate stays in use
-    client = await connect(app, certs)
+    assert (await reloadable.reload()).startswith("reload failed")  # the second cert stays
+    client = await connect(reloadable, certs)
     await client.starttls()
     await client.quit()
 
