@@ -47,8 +47,10 @@ PROXY_HEADER_TIMEOUT_S: Final = 10.0
 
 
 class Guard(SMTP):
-    # aiosmtpd's DATA reader refuses a text line longer than this (CRLF included).
-    line_length_limit = hardening.MAX_TEXT_LINE
+    # aiosmtpd's DATA reader refuses a wire line longer than this (CRLF included): one
+    # more than a text line, for a dot doubled at its start; hardening.clean_body
+    # checks the text lines once the doubled dots are gone.
+    line_length_limit = hardening.MAX_TEXT_LINE + 1
 
     def __init__(
         self,

@@ -40,6 +40,9 @@ MAX_MAIL_LINE: Final = MAX_COMMAND_LINE + 26 + 10  # RFC 1870 SIZE, RFC 6531 SMT
 MAX_TEXT_LINE: Final = 1000  # octets including CRLF, RFC 5321 §4.5.3.1.6
 
 _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+# A line with more than MAX_TEXT_LINE - 2 octets before its line end (anchored at line
+# starts, so one pass over the body).
+_OVERLONG_LINE: Final = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_TEXT_LINE - 1))
 _IP_CHARS: Final = frozenset("0123456789abcdefABCDEF.:")
 _LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
@@ -69,6 +72,11 @@ def clean_body(content: bytes) -> tuple[bytes, Reply | None]:
     """
     if b"\x00" in content:
         return content, replies.NUL_IN_DATA
+    # The reader lets a wire line be one octet longer than MAX_TEXT_LINE, for the dot a
+    # client doubles at the start of a line (RFC 5321 §4.5.3.1.6 does not count it);
+    # here, after the doubled dots are gone, every line must fit MAX_TEXT_LINE.
+    if len(content) >= MAX_TEXT_LINE and _OVERLONG_LINE.search(content):
+        return content, replies.TEXT_LINE_TOO_LONG
     crlf = content.count(b"\r\n")
     if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
         return content, None

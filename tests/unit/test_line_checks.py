@@ -62,3 +62,12 @@ def test_auth_lines_may_be_longer_than_other_commands() -> None:
     line = b"AUTH PLAIN " + b"A" * 600 + b"\r\n"
     assert command_refusal(line, extended=True) is None
     assert command_refusal(b"NOOP " + b"A" * 600 + b"\r\n", extended=True) is not None
+
+
+def test_a_text_line_may_carry_998_octets_after_its_doubled_dot_is_gone() -> None:
+    fits = b"Subject: s\r\n\r\n." + b"z" * 997 + b"\r\n"
+    assert clean_body(fits) == (fits, None)
+    too_long = b"Subject: s\r\n\r\n" + b"x" * 999 + b"\r\nend\r\n"
+    assert clean_body(too_long)[1] is replies.TEXT_LINE_TOO_LONG
+    first_line = b"y" * 999 + b"\r\n\r\nbody\r\n"
+    assert clean_body(first_line)[1] is replies.TEXT_LINE_TOO_LONG
