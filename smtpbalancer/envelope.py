@@ -31,14 +31,22 @@ class QueueIds:
         return f"{int(wall * 1000) & 0xFFFFFFFFFFFF:012X}{self._counter:08X}"
 
 
+DEFAULT_POOL = "default"
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """What the client gave us in MAIL and RCPT. `mail_from` is "" for the null sender."""
+    """What the client gave us in MAIL and RCPT (`mail_from` is "" for the null sender),
+    and what the front end noted at DATA: the pool its route chose, and for delivery
+    events the Message-ID header and the header values `[events] copy_headers` names."""
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
     smtputf8: bool = False
     body_8bit: bool = False
+    pool: str = DEFAULT_POOL
+    message_id: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
 
     @property
     def null_sender(self) -> bool:

@@ -1,20 +1,28 @@
-"""Offline queue administration: `smtpbalancer queue …` and `smtpbalancer trace`.
+"""Queue administration: `smtpbalancer queue …` and `smtpbalancer trace`.
 
-Works on a *stopped* instance's spool: it takes the spool lock (`SPOOL/lock`)
-for the whole command, and refuses (exit 1) while a running instance holds it,
-so nothing here races the dispatcher. Online inspection goes through the admin
-endpoint instead.
+Reading (list, summary, show, trace) needs no lock and works on a running
+instance's spool too: it reuses spool/recovery.py (`listing`, `read_progress`),
+which reads the segments and their done marks like recovery does but changes
+nothing: a corrupt entry is listed as `corrupt` and left for the next start to
+quarantine; a torn tail (a batch being written) is not listed, and a segment
+reclaimed while it is read is skipped (everything in it was finished). With
+`[server] workers = N` every shard is read (spool.directory and its worker-N/).
 
-Reading reuses spool/recovery.py (`read_meta`, `read_progress`) and the record
-decoders; unlike recovery, nothing is quarantined or deleted by reading: a
-corrupt entry is listed as `corrupt` and left for the next start to quarantine.
+Changes (hold, release, delete, retry) go through the running instance when there
+is one (its spool is locked): the CLI posts to the admin listener (`[metrics]
+listen`, with the admin token), so the instance updates its schedule at once. On
+a stopped instance they take the spool lock for the whole command:
 
 - hold: an empty marker `queue/ID.hold`; recovery counts the message but does
   not deliver it until `release` removes the marker. The lifetime still runs.
-- delete: removes the message, its .state and .hold files. No DSN is sent.
-- retry: retry delays live only in memory, so every spooled message that is not
-  held is attempted as soon as the instance starts; offline `retry` changes
-  nothing on disk and says so (and names held messages: release them first).
+- delete: a done mark for the message's record, fsync'd (a legacy message file is
+  unlinked and the directory fsync'd), then its .state and .hold files are
+  removed. No DSN is sent. A running instance refuses while the message is being
+  delivered (try again in a moment).
+- retry: running, the message (or every one with --all) is attempted now, skipping
+  its backoff; stopped, retry delays live only in memory, so every spooled message
+  that is not held is attempted as soon as the instance starts, and offline `retry`
+  changes nothing on disk and says so (and names held messages: release them first).
 Exit codes: 0 ok, 1 spool locked / unknown id / I/O error, 2 usage or config.
 """
 
@@ -35,13 +43,16 @@ from typing import Final
 from rich.console import Console
 from rich.table import Table
 
-from smtpbalancer import config
+from smtpbalancer import admin_client, config
+from smtpbalancer.admin_client import AdminUnavailable
 from smtpbalancer.clock import SystemClock
 from smtpbalancer.envelope import valid_queue_id
 from smtpbalancer.errors import ConfigError, SpoolCorrupt, SpoolError
 from smtpbalancer.spool import recovery
 from smtpbalancer.spool.record import MessageMeta, Progress
-from smtpbalancer.spool.store import HOLD_SUFFIX, STATE_SUFFIX, TMP_PREFIX, SpoolStore, fsync_dir
+from smtpbalancer.spool.segment import fsync_dir
+from smtpbalancer.spool.sidecar import HOLD_SUFFIX
+from smtpbalancer.spool.store import LEGACY, SpoolStore, finish_durably
 
 COMMANDS: Final = ("queue", "trace")
 AGE_BUCKETS: Final = ((300.0, "<5m"), (3600.0, "<1h"), (21600.0, "<6h"), (86400.0, "<1d"))
@@ -65,6 +76,7 @@ class Entry:
     progress: Progress
     held: bool
     problem: str = ""
+    seq: int = LEGACY  # the segment holding it; LEGACY: a file in queue/
 
     @property
     def state(self) -> str:
@@ -85,15 +97,15 @@ class Entry:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `queue` and `trace` subcommands (wired into cli.py's parser)."""
-    queue = sub.add_parser("queue", help="inspect or change a stopped instance's spool")
+    queue = sub.add_parser("queue", help="inspect or change the spool (a running instance's too)")
     actions = queue.add_subparsers(dest="action", required=True)
     for name, help_text in (
         ("list", "one line per spooled message"),
         ("show", "envelope, per-recipient state and failure replies of one message"),
         ("delete", "remove a message from the spool (no DSN is sent)"),
         ("hold", "keep a message in the spool, undelivered, until released"),
-        ("release", "let a held message be delivered at the next start"),
-        ("retry", "report what the next start attempts (retry delays are not persisted)"),
+        ("release", "let a held message be delivered again"),
+        ("retry", "attempt now (a running instance); offline: report what the start attempts"),
         ("summary", "counts by age, sender domain and state"),
     ):
         p = actions.add_parser(name, help=help_text)
@@ -117,121 +129,197 @@ READ_ONLY = frozenset({"list", "summary", "show"})
 
 
 def run(args: argparse.Namespace) -> int:
-    # Reading needs no lock: every spool file is written whole and renamed into place, so
-    # list/summary/show/trace also work on the spool of a running instance.
+    # Reading needs no lock: segment readers stop at a record still being written and
+    # skip segments reclaimed underneath them, and .state files are renamed into place,
+    # so list/summary/show/trace also work on the spool of a running instance.
     read_only = args.command == "trace" or getattr(args, "action", "") in READ_ONLY
     try:
-        with offline_spool(args.config, lock=not read_only) as store:
+        cfg = _config(args.config)
+        if not read_only and _running(cfg):
+            return _online(cfg, args)
+        with offline_spools(cfg, lock=not read_only) as stores:
             if args.command == "trace":
-                return _trace(store, args)
-            return _queue(store, args)
+                return _trace(stores, args)
+            return _queue(stores, args)
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
 
 
-@contextmanager
-def offline_spool(config_path: Path, *, lock: bool = True) -> Iterator[SpoolStore]:
-    """The configured spool; with `lock`, locked for the duration (Refused if an instance
-    runs on it), else a read-only view that a running instance may change underneath."""
+def _config(path: Path) -> config.Config:
     try:
-        cfg = config.load(config_path)
+        return config.load(path)
     except ConfigError as exc:
         raise Refused("; ".join(exc.problems), 2) from None
-    directory = cfg.spool.directory
-    if not (directory / "queue").is_dir():
-        raise Refused(f"no spool at {directory}")
-    store = SpoolStore(directory, SystemClock(), threads=1)
-    try:
-        if lock:
-            store.open()
-    except SpoolError:
-        store.close()
-        raise Refused(
-            f"the spool {directory} is locked by a running instance: stop it first "
-            "(list, summary, show and trace work while it runs; changes need it stopped)"
-        ) from None
-    try:
-        yield store
-    finally:
-        store.close()
 
 
-def entries(store: SpoolStore) -> list[Entry]:
-    names = set(os.listdir(store.queue_dir))
-    found = []
-    for name in sorted(names):
-        if name.startswith(TMP_PREFIX) or name.endswith((STATE_SUFFIX, HOLD_SUFFIX)):
-            continue
+def shard_directories(cfg: config.Config) -> list[Path]:
+    """spool.directory, then worker-N/ shards that exist (any count: a shard left after
+    lowering `workers` is shown too)."""
+    root = cfg.spool.directory
+    shards = [root]
+    if root.is_dir():
+        numbered = [
+            (int(p.name.removeprefix("worker-")), p)
+            for p in root.iterdir()
+            if p.name.startswith("worker-") and p.name.removeprefix("worker-").isdigit()
+        ]
+        shards += [p for _, p in sorted(numbered)]
+    return [d for d in shards if (d / "queue").is_dir()]
+
+
+def _running(cfg: config.Config) -> bool:
+    """Does an instance hold any shard's lock? (Then changes go through its admin listener.)"""
+    for directory in shard_directories(cfg):
+        probe = SpoolStore(directory, SystemClock(), threads=1)
         try:
-            found.append(read_entry(store, name, names))
-        except Refused:  # delivered and removed by a running instance since the listing
-            continue
-    return found
+            probe.open()
+        except SpoolError:
+            return True
+        finally:
+            probe.close()
+    return False
 
 
-def read_entry(store: SpoolStore, name: str, names: set[str] | None = None) -> Entry:
-    held = (
-        f"{name}{HOLD_SUFFIX}" in names
-        if names is not None
-        else (store.queue_dir / f"{name}{HOLD_SUFFIX}").exists()
-    )
+@contextmanager
+def offline_spools(cfg: config.Config, *, lock: bool = True) -> Iterator[list[SpoolStore]]:
+    """Every shard of the configured spool; with `lock`, locked for the duration (Refused
+    if an instance runs on one), else read-only views a running instance may change."""
+    directories = shard_directories(cfg)
+    if not directories:
+        raise Refused(f"no spool at {cfg.spool.directory}")
+    stores = [SpoolStore(d, SystemClock(), threads=1) for d in directories]
     try:
-        if not valid_queue_id(name):
-            raise SpoolCorrupt(name, "not a queue file")
-        meta = recovery.read_meta(store, name)
-    except SpoolCorrupt as exc:
-        return Entry(name, None, Progress(), held, exc.why)
-    except FileNotFoundError:
-        raise Refused(f"no message {name} in the spool") from None
-    try:
-        progress = recovery.read_progress(store, name)
-    except SpoolCorrupt as exc:  # the next start restarts its recipients
-        return Entry(name, meta, Progress(), held, f"state file: {exc.why}")
-    return Entry(name, meta, progress, held)
+        for store in stores:
+            if lock:
+                store.open()
+        yield stores
+    except SpoolError:
+        raise Refused(
+            f"the spool {cfg.spool.directory} is locked by a running instance whose admin"
+            " listener is off: enable [metrics] listen, or stop it first"
+        ) from None
+    finally:
+        for store in stores:
+            store.close()
 
 
-def _one(store: SpoolStore, queue_id: str) -> Entry:
-    if not valid_queue_id(queue_id) or not (store.queue_dir / queue_id).exists():
-        raise Refused(f"no message {queue_id} in the spool")
-    return read_entry(store, queue_id)
+# --- changes through a running instance ---------------------------------------------
+
+_ONLINE_DONE: Final = {"held", "released", "deleted", "scheduled"}
 
 
-def _queue(store: SpoolStore, args: argparse.Namespace) -> int:
-    now = SystemClock().wall()
+def _online(cfg: config.Config, args: argparse.Namespace) -> int:
     action: str = args.action
-    if action == "list":
-        rows = [_row(e, now) for e in entries(store)]
-        _emit(args.json, rows, lambda: _list_table(rows))
-    elif action == "summary":
-        doc = summary(entries(store), now)
-        _emit(args.json, doc, lambda: _summary_tables(doc))
-    elif action == "show":
-        doc = detail(_one(store, args.queue_id), now)
-        _emit(args.json, doc, lambda: _detail_table(doc))
-    elif action == "hold":
-        _one(store, args.queue_id)
-        _write_marker(store, args.queue_id)
-        _emit(args.json, {"queue_id": args.queue_id, "action": "held"}, None)
-    elif action == "release":
-        entry = _one(store, args.queue_id)
-        if entry.held:
-            _remove(store, args.queue_id, (HOLD_SUFFIX,))
-        _emit(args.json, {"queue_id": args.queue_id, "action": "released"}, None)
-    elif action == "delete":
-        _one(store, args.queue_id)
+    query: list[tuple[str, str]]
+    if action == "retry":
+        if bool(args.all) == bool(args.queue_id):
+            raise Refused("give a queue id or --all", 2)
+        query = [("all", "1")] if args.all else [("id", args.queue_id)]
+    else:
+        query = [("id", args.queue_id)]
+    if action == "delete":
         _confirm(args.yes, f"delete {args.queue_id} without a bounce?")
-        _remove(store, args.queue_id, (STATE_SUFFIX, HOLD_SUFFIX, ""))
-        _emit(args.json, {"queue_id": args.queue_id, "action": "deleted"}, None)
-    elif action == "retry":
-        return _retry(store, args)
+    try:
+        status, doc = admin_client.post(cfg.metrics, f"/queue/{action}", query)
+    except AdminUnavailable as exc:
+        raise Refused(f"an instance runs on the spool, but {exc}") from None
+    if status == 401:
+        raise Refused("the admin listener wants its token: set [metrics] admin_token_file")
+    results = dict(doc.get("results", {}))
+    if status not in (200, 404) or (not results and action != "retry"):
+        raise Refused(f"the admin listener answered {status}: {doc.get('error', doc)}")
+    rows = [{"queue_id": qid, "action": outcome} for qid, outcome in sorted(results.items())]
+    _emit(args.json, rows if action == "retry" else rows[0], None)
+    problems = {qid: o for qid, o in results.items() if o not in _ONLINE_DONE and o != "held"}
+    if action != "retry" and problems:
+        qid, outcome = next(iter(problems.items()))
+        if outcome == "unknown":
+            raise Refused(f"no message {qid} in the spool")
+        if outcome == "busy":
+            raise Refused(f"{qid} is being delivered right now: try again in a moment")
+        raise Refused(f"{qid}: {outcome}")
     return 0
 
 
-def _retry(store: SpoolStore, args: argparse.Namespace) -> int:
+def entries(stores: list[SpoolStore]) -> list[Entry]:
+    found: dict[str, Entry] = {}
+    for store in stores:
+        names = set(os.listdir(store.queue_dir))
+        for listed in recovery.listing(store):  # the first of two copies is the one delivered
+            if listed.name not in found:
+                found[listed.name] = _entry(store, listed, names)
+    return sorted(found.values(), key=lambda e: e.queue_id)
+
+
+def _entry(store: SpoolStore, listed: recovery.Listed, names: set[str]) -> Entry:
+    name = listed.name
+    held = f"{name}{HOLD_SUFFIX}" in names
+    if listed.meta is None:
+        return Entry(name, None, Progress(), held, listed.problem, listed.seq)
+    try:
+        progress = recovery.read_progress(store, name)
+    except SpoolCorrupt as exc:  # the next start restarts its recipients
+        return Entry(name, listed.meta, Progress(), held, f"state file: {exc.why}", listed.seq)
+    return Entry(name, listed.meta, progress, held, seq=listed.seq)
+
+
+def _one(stores: list[SpoolStore], queue_id: str) -> Entry:
+    return _copies(stores, queue_id)[1][0]
+
+
+def _copies(stores: list[SpoolStore], queue_id: str) -> tuple[SpoolStore, list[Entry]]:
+    """The shard holding the message, and the message in every segment that holds it
+    (two after a crash during compaction, the older first: the one recovery delivers)."""
+    for store in stores if valid_queue_id(queue_id) else ():
+        names = set(os.listdir(store.queue_dir))
+        found = [
+            _entry(store, listed, names)
+            for listed in recovery.listing(store)
+            if listed.name == queue_id
+        ]
+        if found:
+            return store, found
+    raise Refused(f"no message {queue_id} in the spool")
+
+
+def _queue(stores: list[SpoolStore], args: argparse.Namespace) -> int:
+    now = SystemClock().wall()
+    action: str = args.action
+    if action == "list":
+        rows = [_row(e, now) for e in entries(stores)]
+        _emit(args.json, rows, lambda: _list_table(rows))
+    elif action == "summary":
+        doc = summary(entries(stores), now)
+        _emit(args.json, doc, lambda: _summary_tables(doc))
+    elif action == "show":
+        doc = detail(_one(stores, args.queue_id), now)
+        _emit(args.json, doc, lambda: _detail_table(doc))
+    elif action == "hold":
+        store, _ = _copies(stores, args.queue_id)
+        _write_marker(store, args.queue_id)
+        _emit(args.json, {"queue_id": args.queue_id, "action": "held"}, None)
+    elif action == "release":
+        store, (entry, *_) = _copies(stores, args.queue_id)
+        if entry.held:
+            (store.queue_dir / f"{args.queue_id}{HOLD_SUFFIX}").unlink(missing_ok=True)
+            fsync_dir(store.queue_dir)
+        _emit(args.json, {"queue_id": args.queue_id, "action": "released"}, None)
+    elif action == "delete":
+        store, copies = _copies(stores, args.queue_id)
+        _confirm(args.yes, f"delete {args.queue_id} without a bounce?")
+        for entry in copies:
+            finish_durably(store.directory, entry.seq, args.queue_id)
+        _emit(args.json, {"queue_id": args.queue_id, "action": "deleted"}, None)
+    elif action == "retry":
+        return _retry(stores, args)
+    return 0
+
+
+def _retry(stores: list[SpoolStore], args: argparse.Namespace) -> int:
     if bool(args.all) == bool(args.queue_id):
         raise Refused("give a queue id or --all", 2)
-    chosen = entries(store) if args.all else [_one(store, args.queue_id)]
+    chosen = entries(stores) if args.all else [_one(stores, args.queue_id)]
     docs = [
         {
             "queue_id": e.queue_id,
@@ -260,14 +348,6 @@ def _write_marker(store: SpoolStore, queue_id: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_dir(store.queue_dir)
-
-
-def _remove(store: SpoolStore, queue_id: str, suffixes: tuple[str, ...]) -> None:
-    # State and marker before the message: a crash in between leaves nothing deliverable
-    # that the operator did not ask for (a lone .state/.hold is deleted by recovery).
-    for suffix in suffixes:
-        (store.queue_dir / f"{queue_id}{suffix}").unlink(missing_ok=True)
     fsync_dir(store.queue_dir)
 
 
@@ -434,10 +514,10 @@ def _detail_table(doc: dict[str, object]) -> None:
 # --- trace --------------------------------------------------------------------
 
 
-def _trace(store: SpoolStore, args: argparse.Namespace) -> int:
+def _trace(stores: list[SpoolStore], args: argparse.Namespace) -> int:
     queue_id: str = args.queue_id
     try:
-        spooled: dict[str, object] | None = detail(_one(store, queue_id), SystemClock().wall())
+        spooled: dict[str, object] | None = detail(_one(stores, queue_id), SystemClock().wall())
     except Refused:
         spooled = None
     lines = log_lines(args.log, queue_id) if args.log is not None else []

@@ -1,8 +1,13 @@
 """Spool record formats: versioned, checksummed, pure.
 
-A message file is one header line, the envelope metadata (JSON), then the body:
+A message record is one header line, the envelope metadata (JSON), then the body:
 
     SMTPB1 <meta_len> <body_len> <meta_crc32 hex> <body_crc32 hex>\\n<meta><body>
+
+It is a whole file in a legacy spool and one entry of a segment log (segment.py)
+now. The metadata repeats the body length ("size"), so a record whose metadata
+checksum holds has a trustworthy frame: the next record starts right after it.
+(Older records have no "size"; their header alone frames them.)
 
 A progress file (written only once some recipients are settled) is:
 
@@ -15,16 +20,18 @@ a corrupt entry is quarantined, never delivered. No I/O here.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from smtpbalancer.envelope import Envelope
+from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolCorrupt
 
 MESSAGE_MAGIC = b"SMTPB1"
 PROGRESS_MAGIC = b"SMTPS1"
 MAX_HEADER_LINE = 80
+_JSON = json.JSONDecoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +77,14 @@ def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
         "client": meta.client,
         "smtputf8": env.smtputf8,
         "8bit": env.body_8bit,
+        "size": len(body),
     }
+    if env.pool != DEFAULT_POOL:  # optional keys: absent in older records
+        doc["pool"] = env.pool
+    if env.message_id:
+        doc["msgid"] = env.message_id
+    if env.tags:
+        doc["tags"] = [list(pair) for pair in env.tags]
     meta_bytes = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
     body_crc = zlib.crc32(body)
     head = b"%s %d %d %08x %08x\n" % (
@@ -101,8 +115,55 @@ def head_size(name: str, head: bytes) -> int:
     return line_end + 1 + int(fields[1])
 
 
-def decode_message_head(name: str, head: bytes) -> MessageLayout:
-    """Parse the header line and metadata from the first bytes of a message file.
+# A segment scan frames records with this (no split, no slicing); the digits are bounded
+# so that a garbage header cannot claim an absurd length.
+_HEADER = re.compile(rb"SMTPB1 (\d{1,12}) (\d{1,12}) ([0-9a-f]{8}) ([0-9a-f]{8})\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """What a record's header line says (not yet checked against the metadata)."""
+
+    line_len: int  # header line including its newline
+    meta_len: int
+    body_len: int
+    meta_crc: int
+    body_crc: int
+
+    @property
+    def head_len(self) -> int:
+        return self.line_len + self.meta_len
+
+    @property
+    def total(self) -> int:
+        return self.line_len + self.meta_len + self.body_len
+
+
+def parse_frame(data: bytes, at: int = 0) -> Frame | None:
+    """The frame of the record starting at data[at], or None if no whole, well-formed
+    header line starts there (too short, or garbage: the caller tells the two apart)."""
+    found = _HEADER.match(data, at)
+    if found is None:
+        return None
+    meta_len, body_len, meta_crc, body_crc = found.groups()
+    return Frame(
+        found.end() - at, int(meta_len), int(body_len), int(meta_crc, 16), int(body_crc, 16)
+    )
+
+
+def maybe_torn_header(data: bytes) -> bool:
+    """Whether `data` (which runs to the end of its file) could be the start of a header
+    line cut short by a crash: a prefix of "SMTPB1 " followed by header characters."""
+    if b"\n" in data or len(data) >= MAX_HEADER_LINE:
+        return False
+    magic = MESSAGE_MAGIC + b" "
+    if len(data) <= len(magic):
+        return magic.startswith(data)
+    return data.startswith(magic) and all(c in b"0123456789abcdef " for c in data[len(magic) :])
+
+
+def decode_message_head(name: str, head: bytes, *, expect_id: bool = True) -> MessageLayout:
+    """Parse the header line and metadata from the first bytes of a message record.
 
     `head` must hold at least the header line and the metadata; the body is
     validated later, when it is read for delivery.
@@ -122,15 +183,31 @@ def decode_message_head(name: str, head: bytes) -> MessageLayout:
     meta_bytes = head[start : start + meta_len]
     if len(meta_bytes) != meta_len:
         raise SpoolCorrupt(name, "truncated metadata")
-    if zlib.crc32(meta_bytes) != meta_crc:
+    frame = Frame(start, meta_len, body_len, meta_crc, body_crc)
+    meta = decode_meta(name, frame, meta_bytes, expect_id=expect_id)
+    body_offset = start + meta_len
+    return MessageLayout(meta, body_offset, body_offset + body_len)
+
+
+def decode_meta(name: str, frame: Frame, meta_bytes: bytes, *, expect_id: bool) -> MessageMeta:
+    """Check a record's metadata against its frame and decode it. Raises SpoolCorrupt.
+
+    With `expect_id` (a legacy file named after its queue id) the metadata must carry
+    `name` as its id; a segment record names itself.
+    """
+    if zlib.crc32(meta_bytes) != frame.meta_crc:
         raise SpoolCorrupt(name, "metadata checksum mismatch")
+    body_len = frame.body_len
     try:
-        doc = json.loads(meta_bytes)
+        doc = _JSON.decode(meta_bytes.decode())
         envelope = Envelope(
             mail_from=str(doc["from"]),
             rcpt_tos=tuple(str(r) for r in doc["rcpts"]),
             smtputf8=bool(doc.get("smtputf8", False)),
             body_8bit=bool(doc.get("8bit", False)),
+            pool=str(doc.get("pool", DEFAULT_POOL)),
+            message_id=str(doc.get("msgid", "")),
+            tags=tuple((str(k), str(v)) for k, v in doc.get("tags", ())),
         )
         meta = MessageMeta(
             queue_id=str(doc["id"]),
@@ -138,14 +215,14 @@ def decode_message_head(name: str, head: bytes) -> MessageLayout:
             received_wall=float(doc["received"]),
             body_size=body_len,
             client=str(doc.get("client", "")),
-            body_crc=body_crc,
+            body_crc=frame.body_crc,
         )
-    except (ValueError, KeyError, TypeError):
+        size = doc.get("size", body_len)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise SpoolCorrupt(name, "bad metadata") from None
-    if meta.queue_id != name or not envelope.rcpt_tos:
+    if (expect_id and meta.queue_id != name) or not envelope.rcpt_tos or size != body_len:
         raise SpoolCorrupt(name, "metadata does not match the file")
-    body_offset = start + meta_len
-    return MessageLayout(meta, body_offset, body_offset + body_len)
+    return meta
 
 
 def check_body(name: str, meta: MessageMeta, body: bytes) -> None:

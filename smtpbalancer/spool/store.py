@@ -1,21 +1,40 @@
-"""Durable spool store: one file per message, fsync'd before anyone says 250.
+"""Durable spool store: a group-committed segment log, and 250 only after fdatasync.
 
 Layout under the spool directory:
-    queue/<QUEUE-ID>          message file (see record.py)
+    segments/<seq>.log        message records back to back (record.py; see segment.py)
+    segments/<seq>.done       finished records of that segment, one queue id a line
     queue/<QUEUE-ID>.state    settled recipients, once any are settled
-    queue/<QUEUE-ID>.hold     empty marker: an operator held it (`smtpbalancer queue hold`);
-                              recovery counts it but it is not delivered until released
-    queue/.tmp-*              being written; recovery deletes them
-    quarantine/               corrupt entries moved aside, never delivered
+    queue/<QUEUE-ID>.hold     empty marker: an operator held it; recovery counts it but
+                              it is not delivered until released
+    queue/<QUEUE-ID>          a message file of a spool written before segments: read,
+                              delivered and removed as before, never written any more
+    queue/.tmp-*              a .state being written; recovery deletes them
+    quarantine/               corrupt entries copied aside, never delivered
     lock                      flock'd by the one process that owns the spool
 
-Write recipe (invariant 1): write to a .tmp- file, fsync it, rename into place,
-then fsync the directory. Concurrent stores share directory fsyncs (DirSync),
-so N sessions finishing together pay for one directory flush, not N.
-Disk work runs on a bounded thread pool, one call per message; the event loop
-never blocks on the disk. A failed write or fsync raises SpoolError and leaves
-nothing behind that could be delivered (no retried fsync: after a failure the
-kernel may have dropped the dirty pages).
+Write recipe (invariant 1): `store` encodes the record on the loop and hands it to
+the commit thread; the records of concurrent stores go out in one pwritev and one
+fdatasync (batch.py, writer.py), and each store returns only after the fdatasync of
+its batch, and for a new segment after the fsync of the segments directory. A failed
+write or fdatasync fails the whole batch (SpoolError: 451) and none of its records is
+ever delivered (writer.py). The commit thread is the only writer: no locks, and the
+event loop never blocks on the disk.
+
+Completion: `remove` appends the queue id to the segment's .done file without an
+fsync (a lost mark only means a redelivery after a crash, which at-least-once allows)
+and unlinks the message's .state/.hold if it has them. Marks and unlinks run batched
+on their own thread. What then happens to segments is occupancy.py's call: one with
+nothing live left is unlinked with its marks; a sparse one is compacted; a drained
+open segment is replaced.
+
+Compaction copies the live records of a sparse segment forward: the raw records go
+through the same commit path (one fdatasync per batch), and only after that batch is
+durable does the index point at the copy and the old copy get its done mark. After a
+crash in between both copies may be unmarked: recovery keeps the older one (its
+segment was never written again, while the newer copy's batch may not have been
+synced), and the relocation simply happens again.
+
+The index (queue id -> segment, offset) is memory only; recovery.py rebuilds it.
 """
 
 from __future__ import annotations
@@ -25,121 +44,138 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple, TypeVar
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.envelope import Envelope, QueueIds
 from smtpbalancer.errors import SpoolError
-from smtpbalancer.spool import record
+from smtpbalancer.spool import record, segment
+from smtpbalancer.spool.batch import Batcher
+from smtpbalancer.spool.occupancy import Action, Occupancy
 from smtpbalancer.spool.record import MessageMeta, Progress
+from smtpbalancer.spool.segment import fsync_dir
+from smtpbalancer.spool.sidecar import (
+    HOLD_SUFFIX,
+    STATE_SUFFIX,
+    DirSync,
+    read_file_body,
+    touch,
+    unlink_legacy,
+    unlink_sidecars,
+    write_file,
+)
+from smtpbalancer.spool.writer import SegmentWriter
 from smtpbalancer.tasks import spawn
 
 log = logging.getLogger(__name__)
 
-STATE_SUFFIX = ".state"
-HOLD_SUFFIX = ".hold"
-TMP_PREFIX = ".tmp-"
+LEGACY: Final = -1  # Slot.seq of a one-file message in queue/
+ROTATE_BYTES: Final = 64 * 1024 * 1024
+IDLE_ROTATE_BYTES: Final = 1024 * 1024
+COMPACT_BELOW: Final = 0.25  # of a segment's size still live
+COMPACT_CHUNK_BYTES: Final = 1024 * 1024  # per relocation batch: stores wait behind it
+BATCH_RECORDS: Final = 256  # two iovecs each, under IOV_MAX
+BATCH_BYTES: Final = 8 * 1024 * 1024
+CLOSE_WAIT_S: Final = 5.0
+_T = TypeVar("_T")
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Slot(NamedTuple):  # a tuple: one per queued message, made 100k times at a restart
+    """Where a live message is: segment `seq` at `offset` (LEGACY: its own file)."""
+
+    meta: MessageMeta
+    seq: int
+    offset: int = 0
+    head_len: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.head_len + self.meta.body_size
 
 
-def write_file(path: Path, chunks: tuple[bytes, ...]) -> None:
-    """Write `chunks` to a temp file beside `path`, fsync it, rename it into place.
-
-    Leaves either no file, the complete new file, or (after a crash) a .tmp- file
-    that recovery deletes. The caller still owes a directory fsync.
-    """
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    meta: MessageMeta
+    prefix: bytes
+    body: bytes
+    moved_from: int | None = None  # compaction: the segment of the copy this replaces
 
 
-class DirSync:
-    """Group commit for directory fsyncs.
+@dataclass(frozen=True, slots=True)
+class _Cleanup:
+    """Thread work after a message is finished: its mark, its files, maybe its segment."""
 
-    A caller that renamed a file asks for a sync that *starts after* its rename;
-    all callers that arrive while one sync runs share the next one.
-    """
-
-    def __init__(self, directory: Path, run: Any) -> None:
-        self._directory = directory
-        self._run_in_thread = run
-        self._next: asyncio.Future[None] | None = None
-        self._running = False
-
-    async def sync(self) -> None:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        fut = self._next
-        if not self._running:
-            self._running = True
-            spawn(self._loop(), name="spool-dirsync")
-        await asyncio.shield(fut)
-
-    async def _loop(self) -> None:
-        try:
-            while self._next is not None:
-                fut, self._next = self._next, None
-                try:
-                    await self._run_in_thread(fsync_dir, self._directory)
-                except OSError as exc:
-                    fut.set_exception(SpoolError("fsync directory", exc.errno))
-                    fut.exception()  # retrieved: waiters re-raise their own copy
-                else:
-                    fut.set_result(None)
-        finally:
-            self._running = False
+    queue_id: str
+    seq: int
+    mark: bool = True  # append queue_id to the segment's .done
+    sidecars: bool = False  # unlink queue/<id>.state and .hold
+    reclaim: int | None = None  # unlink this segment and its marks
 
 
 class SpoolStore:
     """Durable store, load, update and removal of spooled messages, with accounting."""
 
-    def __init__(self, directory: Path, clock: Clock, *, threads: int = 16) -> None:
+    def __init__(
+        self, directory: Path, clock: Clock, *, threads: int = 16, rotate_bytes: int = ROTATE_BYTES
+    ) -> None:
         self.directory = directory
         self.queue_dir = directory / "queue"
         self.quarantine_dir = directory / "quarantine"
+        self.segments_dir = directory / "segments"
         self._clock = clock
         self._ids = QueueIds()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
-        # Removals get their own thread: queued behind fsyncs they would lag, and every
-        # delivered-but-not-yet-removed message is a duplicate after a crash.
-        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-rm")
+        self._writer = SegmentWriter(self.segments_dir, rotate_bytes)
+        self._commits: Batcher[_Pending, tuple[int, list[int]]] = Batcher(
+            "spool-commit",
+            self._commit,
+            size=lambda p: len(p.prefix) + len(p.body),
+            max_items=BATCH_RECORDS,
+            max_bytes=BATCH_BYTES,
+            settle=self._settle,
+        )
+        # Marks get their own thread: queued behind fdatasyncs they would lag, and every
+        # delivered-but-unmarked message is a duplicate after a crash.
+        self._cleanups: Batcher[_Cleanup, None] = Batcher(
+            "spool-marks", self._clean, size=lambda _: 1, max_items=4096, max_bytes=4096
+        )
         self._dirsync = DirSync(self.queue_dir, self._in_thread)
         self._lock_fd: int | None = None
         self.messages = 0
         self.bytes = 0
-        # Arrival time per queue id, in arrival order (queue ids are time-ordered and
-        # recovery adopts them sorted), so the oldest is the first key.
-        self._arrivals: dict[str, float] = {}
+        # Live messages in arrival order (queue ids are time-ordered and recovery adopts
+        # them sorted), so the oldest is the first key.
+        self._index: dict[str, Slot] = {}
+        self._occupancy = Occupancy(
+            compact_below=COMPACT_BELOW,
+            compact_min_bytes=IDLE_ROTATE_BYTES,
+            idle_rotate_bytes=IDLE_ROTATE_BYTES,
+        )
+        self._rotate = False  # ask the writer for a fresh segment at the next batch
+        self._sidecars: set[str] = set()  # ids that have a .state or .hold file
+        self._sparse: dict[int, None] = {}  # segments waiting for compaction, in order
+        self._compacting = False
+        self._closing = False
+        self.relocated = 0
 
     def __repr__(self) -> str:
-        return f"<SpoolStore {self.directory} messages={self.messages} bytes={self.bytes}>"
+        return (
+            f"<SpoolStore {self.directory} messages={self.messages} bytes={self.bytes}"
+            f" segments={len(self._occupancy)} active={self._occupancy.active}"
+            f" relocated={self.relocated}>"
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
         """Create the layout and take the exclusive lock. Raises SpoolError if busy."""
         try:
-            self.queue_dir.mkdir(parents=True, exist_ok=True)
-            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            for d in (self.queue_dir, self.quarantine_dir, self.segments_dir):
+                d.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"open spool {self.directory}", exc.errno) from None
@@ -151,64 +187,229 @@ class SpoolStore:
                 f"lock spool {self.directory} (another instance?)", errno.EBUSY
             ) from None
         self._lock_fd = fd
+        found = segment.sequences(self.segments_dir) + segment.sequences(
+            self.segments_dir, segment.DONE_SUFFIX
+        )
+        self._writer.start_after(max(found, default=0))  # every run writes a new segment
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._remover.shutdown(wait=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Finish the batches, leave the open segment, release the lock (blocking).
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        Called in a thread (as the app does) it first lets the loop run what is still
+        queued: the last done marks and reclaims, so a drained spool is left empty.
+        """
+        self._closing = True
+        if not _on_a_loop():
+            self._commits.wait_idle(CLOSE_WAIT_S)
+            self._cleanups.wait_idle(CLOSE_WAIT_S)
+        self._commits.close()
+        self._cleanups.close()
+        self._pool.shutdown(wait=True)
+        if self._lock_fd is None:  # a read-only view never changes the spool
+            return
+        active = self._writer.seq
+        self._writer.close()
+        if active is not None and self._occupancy.live(active) == 0:
+            _unlink_segment(self.segments_dir, active)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def adopt(self, meta: MessageMeta) -> None:
-        """Count a message found by recovery."""
+    # --- accounting ----------------------------------------------------------------------
+
+    def adopt(
+        self,
+        meta: MessageMeta,
+        seq: int = LEGACY,
+        offset: int = 0,
+        head_len: int = 0,
+        *,
+        sidecars: bool = False,
+    ) -> None:
+        """Count a message found by recovery (LEGACY: a file in queue/)."""
+        slot = Slot(meta, seq, offset, head_len)
+        self._index[meta.queue_id] = slot
         self.messages += 1
         self.bytes += meta.body_size
-        self._arrivals[meta.queue_id] = meta.received_wall
+        if seq != LEGACY:
+            self._occupancy.add(seq, offset, slot.length)
+        if sidecars:
+            self._sidecars.add(meta.queue_id)
+
+    def adopt_segment(self, seq: int, size: int) -> None:
+        """Recovery, after adopting a segment's live records: its size. A sparse one is
+        compacted once the store runs (the first store or removal starts it)."""
+        if self._occupancy.sized(seq, size) is Action.COMPACT:
+            self._sparse[seq] = None
 
     def oldest_arrival(self) -> float | None:
         """Wall time the oldest spooled message arrived, or None when the spool is empty."""
         try:
-            first = next(iter(self._arrivals), None)
-            return None if first is None else self._arrivals.get(first)
+            first = next(iter(self._index.values()), None)
         except RuntimeError:  # read from the metrics thread while the loop mutated the dict
             return None
+        return None if first is None else first.meta.received_wall
+
+    def location(self, queue_id: str) -> Slot | None:
+        return self._index.get(queue_id)
+
+    def queue_ids(self) -> set[str]:
+        return set(self._index)
+
+    def forget(self, meta: MessageMeta) -> None:
+        """Stop counting a message (quarantined, or its file vanished). Idempotent."""
+        slot = self._index.pop(meta.queue_id, None)
+        if slot is not None:
+            self.messages -= 1
+            self.bytes -= slot.meta.body_size
+            self._cleanups.post(self._release(slot, mark=False))
+
+    def _release(self, slot: Slot, *, mark: bool) -> _Cleanup:
+        """A copy of a message stops being live (finished, or moved): occupancy's verdict
+        and the cleanup thread's work for it."""
+        queue_id, seq = slot.meta.queue_id, slot.seq
+        sidecars = False
+        if self._index.get(queue_id) is None:  # the message itself is gone
+            sidecars = queue_id in self._sidecars
+            self._sidecars.discard(queue_id)
+        if seq == LEGACY:
+            return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars)
+        action = self._occupancy.remove(seq, slot.length)
+        if action is Action.ROTATE:
+            self._rotate = True
+        self._compact_later(seq if action is Action.COMPACT else None)
+        reclaim = seq if action is Action.RECLAIM else None
+        return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars, reclaim=reclaim)
+
+    # --- the write path ----------------------------------------------------------------
 
     async def store(
         self, envelope: Envelope, body: bytes, client: str = "", queue_id: str = ""
     ) -> MessageMeta:
-        """Make a message durable. Returns only once file and directory entry are on disk."""
+        """Make a message durable. Returns only once its batch is fdatasync'd."""
         wall = self._clock.wall()
         queue_id = queue_id or self._ids.next(wall)
         meta = MessageMeta(queue_id, envelope, wall, len(body), client)
         prefix, crc = record.encode_message(meta, body)
-        path = self.queue_dir / queue_id
+        meta = MessageMeta(queue_id, envelope, wall, len(body), client, crc)
+        await self._commits.submit(_Pending(meta, prefix, body))
+        return meta
+
+    def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
+        # The commit thread. `_rotate` was set on the loop before this batch was handed over.
+        rotate, self._rotate = self._rotate, False
+        return self._writer.append(
+            [(p.meta.queue_id, p.prefix, p.body) for p in batch], rotate=rotate
+        )
+
+    def _settle(self, batch: list[_Pending], outcome: tuple[int, list[int]] | Exception) -> None:
+        # On the loop, between batches: the writer is idle, its seq is stable.
+        if not isinstance(outcome, Exception):
+            seq, offsets = outcome
+            for pending, offset in zip(batch, offsets, strict=True):
+                meta = pending.meta
+                slot = Slot(meta, seq, offset, len(pending.prefix))
+                if pending.moved_from is not None:
+                    self._moved(slot, pending.moved_from)
+                    continue
+                self._index[meta.queue_id] = slot
+                self._occupancy.add(seq, offset, slot.length)
+                self.messages += 1
+                self.bytes += meta.body_size
+        left, action = self._occupancy.switch(self._writer.seq)
+        if left is not None and action is Action.RECLAIM:
+            self._cleanups.post(_Cleanup("", left, mark=False, reclaim=left))
+        self._compact_later(left if action is Action.COMPACT else None)
+
+    def _moved(self, copy: Slot, moved_from: int) -> None:
+        """A relocated copy is durable: point the index at it and mark the old copy done."""
+        queue_id = copy.meta.queue_id
+        old = self._index.get(queue_id)
+        if old is None or old.seq != moved_from:  # finished meanwhile: the copy is dead
+            self._cleanups.post(_Cleanup(queue_id, copy.seq))
+            return
+        self._index[queue_id] = copy  # same key: the arrival order is kept
+        self._occupancy.add(copy.seq, copy.offset, copy.length)
+        self._cleanups.post(self._release(old, mark=True))
+        self.relocated += 1
+
+    # --- compaction ----------------------------------------------------------------------
+
+    def _compact_later(self, seq: int | None = None) -> None:
+        if seq is not None:
+            self._sparse[seq] = None
+        if self._sparse and not self._compacting:
+            self._compacting = True
+            spawn(self._compact(), name="spool-compact")
+
+    async def _compact(self) -> None:
         try:
-            await self._in_thread(write_file, path, (prefix, body))
-        except OSError as exc:
-            raise SpoolError("write message", exc.errno) from None
-        try:
-            await self._dirsync.sync()
-        except SpoolError:
-            # The client gets 451 and will retry: take the entry back so that this
-            # copy is never delivered too (best effort; a leftover means a duplicate).
-            await self._in_thread(_unlink_pair, self.queue_dir, queue_id)
-            raise
-        self.messages += 1
-        self.bytes += len(body)
-        self._arrivals[queue_id] = wall
-        return MessageMeta(queue_id, envelope, wall, len(body), client, crc)
+            while self._sparse:
+                seq = next(iter(self._sparse))
+                del self._sparse[seq]
+                moved = await self._relocate(seq)
+                log.info("spool.compacted segment=%s records=%d", seq, moved)
+        except Exception as exc:  # retried when the segment next loses a record
+            log.warning("spool.compact_failed error=%r", exc)
+            self._sparse.clear()
+        finally:
+            self._compacting = False
+
+    async def _relocate(self, seq: int) -> int:
+        """Copy the live records of segment `seq` into the open segment, in small batches."""
+        path = segment.log_path(self.segments_dir, seq)
+        slots = [s for s in self._index.values() if s.seq == seq]
+        moved = 0
+        while slots and not self._closing:
+            chunk: list[Slot] = []
+            size = 0
+            while slots and (not chunk or size + slots[-1].length <= COMPACT_CHUNK_BYTES):
+                chunk.append(slots.pop())
+                size += chunk[-1].length
+            chunk = [s for s in chunk if self._index.get(s.meta.queue_id) is s]
+            if not chunk:
+                continue
+            spans = [(s.offset, s.length) for s in chunk]
+            raws = await self._in_thread(segment.read_spans, path, spans)
+            await asyncio.gather(
+                *(
+                    self._commits.submit(
+                        _Pending(s.meta, raw[: s.head_len], raw[s.head_len :], moved_from=seq)
+                    )
+                    for s, raw in zip(chunk, raws, strict=True)
+                )
+            )
+            moved += len(chunk)
+        return moved
+
+    # --- reading and finishing ---------------------------------------------------------
 
     async def load_body(self, meta: MessageMeta) -> bytes:
-        """Read and verify a spooled body. Raises SpoolCorrupt or OSError."""
-        data: bytes = await self._in_thread(_read_body, self.queue_dir / meta.queue_id, meta)
-        return data
+        """Read and verify a spooled body. Raises SpoolCorrupt or OSError (FileNotFoundError
+        once the message is gone)."""
+        for _ in range(3):
+            slot = self._index.get(meta.queue_id)
+            if slot is None:
+                break
+            if slot.seq == LEGACY:
+                return await self._in_thread(read_file_body, self.queue_dir / meta.queue_id, meta)
+            path = segment.log_path(self.segments_dir, slot.seq)
+            try:
+                return await self._in_thread(
+                    segment.read_body, path, meta, slot.offset + slot.head_len
+                )
+            except FileNotFoundError:
+                if self._index.get(meta.queue_id) is slot:
+                    raise
+                # compacted while we read: the segment we looked in is gone, try the copy
+        raise FileNotFoundError(errno.ENOENT, "not in the spool", meta.queue_id)
 
     async def save_progress(self, queue_id: str, progress: Progress) -> None:
         """Durably record settled recipients (atomic replace + directory fsync)."""
         path = self.queue_dir / f"{queue_id}{STATE_SUFFIX}"
+        self._sidecars.add(queue_id)
         try:
             await self._in_thread(write_file, path, (record.encode_progress(progress),))
         except OSError as exc:
@@ -216,25 +417,53 @@ class SpoolStore:
         await self._dirsync.sync()
 
     async def remove(self, meta: MessageMeta) -> None:
-        """Forget a finished message. A lost unlink after a crash means redelivery (dup-ok)."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._remover, _unlink_pair, self.queue_dir, meta.queue_id
-        )
-        self.forget(meta)
+        """Finish a message: mark it done. A mark lost in a crash means redelivery (dup-ok)."""
+        slot = self._index.pop(meta.queue_id, None)
+        if slot is not None:
+            self.messages -= 1
+            self.bytes -= slot.meta.body_size
+            await self._cleanups.submit(self._release(slot, mark=True))
 
-    def forget(self, meta: MessageMeta) -> None:
-        """Stop counting a message (delivered, quarantined, or its file vanished)."""
-        self.messages -= 1
-        self.bytes -= meta.body_size
-        self._arrivals.pop(meta.queue_id, None)
+    def _clean(self, batch: list[_Cleanup]) -> None:
+        # The cleanup thread. Never raises: a failure here costs a redelivery, not a loss.
+        marks: dict[int, list[str]] = {}
+        reclaim = {c.reclaim for c in batch if c.reclaim is not None}
+        for c in batch:
+            if c.mark and c.seq != LEGACY and c.seq not in reclaim:
+                marks.setdefault(c.seq, []).append(c.queue_id)
+        for seq, ids in marks.items():
+            try:
+                segment.append_done(segment.done_path(self.segments_dir, seq), ids, durable=False)
+            except OSError as exc:
+                log.error("spool.done_mark_failed segment=%s errno=%s", seq, exc.errno)
+        for c in batch:
+            try:
+                if c.mark and c.seq == LEGACY:
+                    unlink_legacy(self.queue_dir, c.queue_id)
+                if c.sidecars:
+                    unlink_sidecars(self.queue_dir, c.queue_id)
+            except OSError as exc:
+                log.error("spool.unlink_failed queue_id=%s errno=%s", c.queue_id, exc.errno)
+        for seq in sorted(reclaim):
+            try:
+                _unlink_segment(self.segments_dir, seq)
+            except OSError as exc:
+                log.error("spool.reclaim_failed segment=%s errno=%s", seq, exc.errno)
 
     async def quarantine(self, meta: MessageMeta, why: str) -> None:
+        """Copy a message that failed validation into quarantine/, then finish it."""
         log.error("spool.quarantine queue_id=%s reason=%s", meta.queue_id, why)
-        await self._in_thread(self.quarantine_now, meta.queue_id)
-        self.forget(meta)
+        slot = self._index.get(meta.queue_id)
+        if slot is None:
+            return
+        if slot.seq == LEGACY:
+            await self._in_thread(self.quarantine_now, meta.queue_id)
+        else:
+            await self._in_thread(self._quarantine_record, slot)
+        await self.remove(meta)
 
     def quarantine_now(self, name: str) -> None:
-        """Move a file (and its state file) into quarantine/. Blocking: startup or thread."""
+        """Move a legacy file (and its state file) into quarantine/. Blocking."""
         for suffix in ("", STATE_SUFFIX):
             src = self.queue_dir / f"{name}{suffix}"
             if src.exists():
@@ -242,15 +471,89 @@ class SpoolStore:
         fsync_dir(self.quarantine_dir)
         fsync_dir(self.queue_dir)
 
+    def _quarantine_record(self, slot: Slot) -> None:
+        queue_id = slot.meta.queue_id
+        path = segment.log_path(self.segments_dir, slot.seq)
+        length = slot.head_len + slot.meta.body_size
+        segment.copy_out(path, slot.offset, length, self.quarantine_dir / queue_id)
+        state = self.queue_dir / f"{queue_id}{STATE_SUFFIX}"
+        if state.exists():
+            os.replace(state, self.quarantine_dir / state.name)
+            fsync_dir(self.quarantine_dir)
 
-def _read_body(path: Path, meta: MessageMeta) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(record.head_size(meta.queue_id, fh.read(record.MAX_HEADER_LINE + 1)))
-        body = fh.read()
-    record.check_body(meta.queue_id, meta, body)
-    return body
+    # --- operator actions on a running instance ----------------------------------------
+
+    async def hold(self, queue_id: str) -> bool:
+        """Durably mark a message held (it survives a restart). False if unknown."""
+        if queue_id not in self._index:
+            return False
+        self._sidecars.add(queue_id)
+        try:
+            await self._in_thread(touch, self.queue_dir / f"{queue_id}{HOLD_SUFFIX}")
+        except OSError as exc:
+            raise SpoolError("write hold marker", exc.errno) from None
+        await self._dirsync.sync()
+        return True
+
+    async def release(self, queue_id: str) -> bool:
+        """Durably remove a message's hold marker. False if unknown."""
+        if queue_id not in self._index:
+            return False
+        marker = self.queue_dir / f"{queue_id}{HOLD_SUFFIX}"
+        try:
+            await self._in_thread(marker.unlink, True)
+        except OSError as exc:
+            raise SpoolError("remove hold marker", exc.errno) from None
+        await self._dirsync.sync()
+        return True
+
+    async def delete(self, queue_id: str) -> MessageMeta | None:
+        """Finish a message for good, durably (no DSN). None if unknown."""
+        slot = self._index.get(queue_id)
+        if slot is None:
+            return None
+        meta = slot.meta
+        while slot is not None:  # compaction may move it while the mark is written
+            try:
+                await self._in_thread(finish_durably, self.directory, slot.seq, queue_id)
+            except OSError as exc:
+                raise SpoolError("delete message", exc.errno) from None
+            current = self._index.get(queue_id)
+            if current is None or current.seq == slot.seq:
+                break
+            slot = current
+        current = self._index.pop(queue_id, None)
+        if current is not None:  # not finished by the dispatcher meanwhile
+            self.messages -= 1
+            self.bytes -= current.meta.body_size
+            self._cleanups.post(self._release(current, mark=False))
+        return meta
 
 
-def _unlink_pair(queue_dir: Path, queue_id: str) -> None:
-    (queue_dir / f"{queue_id}{STATE_SUFFIX}").unlink(missing_ok=True)
-    (queue_dir / queue_id).unlink(missing_ok=True)
+def _on_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def finish_durably(directory: Path, seq: int, queue_id: str) -> None:
+    """An operator's delete: a done mark fsync'd (or the legacy file unlinked and the
+    directory fsync'd), then the .state/.hold files. Blocking."""
+    queue_dir = directory / "queue"
+    if seq == LEGACY:
+        unlink_legacy(queue_dir, queue_id)
+        fsync_dir(queue_dir)
+    else:
+        segment.append_done(
+            segment.done_path(directory / "segments", seq), [queue_id], durable=True
+        )
+    unlink_sidecars(queue_dir, queue_id)
+
+
+def _unlink_segment(segments_dir: Path, seq: int) -> None:
+    # The log before its marks: a crash in between leaves lone marks, which recovery
+    # deletes; the other order could leave a log whose finished records come back.
+    segment.log_path(segments_dir, seq).unlink(missing_ok=True)
+    segment.done_path(segments_dir, seq).unlink(missing_ok=True)

@@ -100,7 +100,7 @@ async def test_bare_newlines_are_normalised_before_spooling(tmp_path: Path) -> N
         await client.send(b"Subject: lf\r\n\r\none\ntwo\rthree\n.\r\nfour\r\n.\r\n")
         assert (await client.reply()).startswith("250 2.0.0")
         await client.close()
-        [spooled] = [p for p in (tmp_path / "spool" / "queue").iterdir() if "." not in p.name]
+        [spooled] = (tmp_path / "spool" / "segments").glob("*.log")
         data = spooled.read_bytes()
     assert b"one\r\ntwo\r\nthree\r\n.\r\nfour\r\n" in data
     body = data[data.index(b"Subject: lf") :]

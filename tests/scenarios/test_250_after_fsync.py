@@ -1,10 +1,12 @@
-"""Invariant 1, observed from outside: each 250 is written after its fsyncs.
+"""Invariant 1, observed from outside: each 250 is written after its fdatasync.
 
 The proxy runs under strace (-f: every thread; -y: file descriptors shown with
 their paths). For every queue id the client was told about, the trace must
-show, in completion order: fsync of the message's temp file, its rename into
-queue/, an fsync of the queue/ directory, and only then the "250 ... queued as"
-write to the client socket (REFERENCE D8).
+show, in completion order: the write into a segment file (segments/<seq>.log)
+that carries the record with that id, an fdatasync of that same segment file,
+and only then the "250 ... queued as" write to the client socket. The segment
+file's creation is followed by an fsync of the segments/ directory before the
+first 250 for anything in it (REFERENCE D8).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import aiosmtplib
 import pytest
 from support.mail import make_message, send_mail
 from support.proxy import config_mapping, to_toml
+
+from smtpbalancer.clock import SystemClock
+from smtpbalancer.spool import recovery
+from smtpbalancer.spool.store import SpoolStore
 
 pytestmark = pytest.mark.skipif(
     shutil.which("strace") is None, reason="strace not installed (CI installs it)"
@@ -84,15 +90,16 @@ def first(lines: list[str], start: int, prefixes: tuple[str, ...], needle: str) 
     raise AssertionError(f"{prefixes} ... {needle!r} not in the trace")
 
 
-async def test_each_250_follows_file_fsync_rename_and_directory_fsync(
-    tmp_path: Path, sinks
-) -> None:
+_FD = re.compile(r"^\w+\((\d+<[^>]*>)")
+
+
+async def test_each_250_follows_the_segment_write_and_its_fdatasync(tmp_path: Path, sinks) -> None:
     relay = await sinks("relay")
     spool = tmp_path / "spool"
     cfg_path = tmp_path / "proxy.toml"
     cfg_path.write_text(to_toml(config_mapping(spool, [("relay", relay.address, 1)])))
     trace_path = tmp_path / "trace.txt"
-    syscalls = "openat,fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,sendmsg"
+    syscalls = "openat,fsync,fdatasync,write,writev,pwrite64,pwritev,pwritev2,sendto,sendmsg"
     queue_ids = []
     async with proxy_under_strace(
         cfg_path, "-y", "-s", "120", "-o", str(trace_path), "-e", f"trace={syscalls}"
@@ -103,14 +110,21 @@ async def test_each_250_follows_file_fsync_rename_and_directory_fsync(
             queue_ids.append(reply.rsplit(" ", 1)[1])
 
     lines = completions(trace_path.read_text())
-    queue_dir = str(spool / "queue")
-    fsyncs = ("fsync(", "fdatasync(")
+    segments = str(spool / "segments")
+    writes = ("pwritev(", "pwritev2(", "pwrite64(", "writev(", "write(")
     for qid in queue_ids:
-        fsync_file = first(lines, 0, fsyncs, f"/.tmp-{qid}>")
-        renamed = first(lines, 0, ("rename",), f'{queue_dir}/{qid}"')
-        fsync_dir = first(lines, renamed, ("fsync(",), f"<{queue_dir}>)")
+        wrote = first(lines, 0, writes, qid)
+        fd = _FD.match(lines[wrote])
+        assert fd is not None and fd.group(1).endswith(".log>"), lines[wrote]
+        assert f"<{segments}/" in fd.group(1), lines[wrote]
+        assert not lines[wrote].rstrip().endswith(tuple(f"= -1 {e}" for e in ("EIO", "ENOSPC")))
+        synced = first(lines, wrote + 1, ("fdatasync(",), f"({fd.group(1)})")
         said_250 = first(lines, 0, ("write", "send"), f"queued as {qid}")
-        assert fsync_file < renamed < fsync_dir < said_250, (qid, fsync_file, renamed, fsync_dir)
+        assert wrote < synced < said_250, (qid, wrote, synced, said_250)
+        path = fd.group(1).split("<", 1)[1].rstrip(">")
+        created = first(lines, 0, ("openat(",), f'"{path}", O_WRONLY|O_CREAT|O_EXCL')
+        dir_synced = first(lines, created, ("fsync(",), f"<{segments}>)")
+        assert created < dir_synced < said_250, (qid, created, dir_synced, said_250)
 
 
 async def test_when_fsync_fails_every_message_gets_451_and_nothing_is_relayed(
@@ -128,4 +142,10 @@ async def test_when_fsync_fails_every_message_gets_451_and_nothing_is_relayed(
                 await send_mail(port, body)
             assert (refused.value.code, refused.value.message[:5]) == (451, "4.3.0")
     assert relay.messages == 0
-    assert list((tmp_path / "spool" / "queue").iterdir()) == []
+    # Nothing that got a 451 is left to deliver: no segment survived (none was ever
+    # acknowledged) and a restart finds nothing.
+    assert list((tmp_path / "spool" / "segments").iterdir()) == []
+    store = SpoolStore(tmp_path / "spool", SystemClock())
+    store.open()
+    assert recovery.scan(store).messages == []
+    store.close()

@@ -78,7 +78,8 @@ async def test_kill_9_during_load_then_restart_delivers_every_acked_message(
     assert max(ids.count(i) for i in set(ids)) <= 2
     in_flight_limit = sum(up["max_connections"] for up in raw["upstream"])
     assert duplicates <= 2 * in_flight_limit
-    assert not [p for p in (tmp_path / "spool" / "queue").iterdir()], "spool drained"
+    spool = tmp_path / "spool"
+    assert not [*(spool / "queue").iterdir(), *(spool / "segments").iterdir()], "spool drained"
 
 
 async def test_sigterm_exits_0_and_keeps_undelivered_mail_for_the_next_start(

@@ -19,6 +19,8 @@ from smtpbalancer.spool.record import (
     encode_message,
     encode_progress,
     head_size,
+    maybe_torn_header,
+    parse_frame,
 )
 
 QID = "0197A1B2C3D4E5F60718"
@@ -133,6 +135,61 @@ def test_metadata_queue_id_must_match_the_file_name() -> None:
     with pytest.raises(SpoolCorrupt) as caught:
         decode_message_head(other, good_file())
     assert (caught.value.name, caught.value.why) == (other, "metadata does not match the file")
+
+
+# --- framing in a segment log -----------------------------------------------------------
+
+
+def test_a_frame_is_read_at_any_offset_and_matches_the_record() -> None:
+    data = good_file()
+    frame = parse_frame(b"xx" + data + b"next", 2)
+    assert frame is not None
+    assert frame.total == len(data)
+    assert frame.head_len == decode_message_head(QID, data).body_offset
+    assert frame.body_crc == zlib.crc32(BODY)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"",
+        b"SMTPB1 12 3",  # cut short
+        b"SMTPB1 12 3 0000000a 0000000b",  # no newline yet
+        b"SMTPB1 12 3 0000000A 0000000b\n",  # uppercase hex is not what we write
+        b"SMTPB1 1234567890123 3 0000000a 0000000b\n",  # absurd length
+        b"SMTPB1 -1 3 0000000a 0000000b\n",
+        b"SMTPB2 12 3 0000000a 0000000b\n",
+        b"\0" * 80,
+    ],
+)
+def test_malformed_header_lines_frame_nothing(head: bytes) -> None:
+    assert parse_frame(head) is None
+
+
+@pytest.mark.parametrize(
+    ("tail", "torn"),
+    [
+        (b"S", True),
+        (b"SMTPB1", True),
+        (b"SMTPB1 12 3 0000", True),
+        (b"SMTPB1 12 3 0000000a 0000000b\n", False),  # a whole line is not a torn header
+        (b"SMTPB1 12 x", False),
+        (b"garbage", False),
+        (b"SMTPB1 " + b"1" * 80, False),
+    ],
+)
+def test_a_torn_header_is_a_prefix_of_one(tail: bytes, torn: bool) -> None:
+    assert maybe_torn_header(tail) is torn
+
+
+def test_a_body_length_the_metadata_disagrees_with_is_refused() -> None:
+    """The metadata checksum covers the body length, so a damaged frame is caught."""
+    prefix, _ = encode_message(meta_for(ENVELOPES[0]), BODY)
+    line, meta = prefix.split(b"\n", 1)
+    fields = line.split(b" ")
+    fields[2] = b"%d" % (len(BODY) + 1)
+    with pytest.raises(SpoolCorrupt, match="metadata does not match"):
+        decode_message_head(QID, b" ".join(fields) + b"\n" + meta)
 
 
 def test_head_size_refuses_a_bad_header() -> None:
