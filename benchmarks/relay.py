@@ -70,8 +70,19 @@ async def start(args: list[str], ready: str) -> asyncio.subprocess.Process:
     stream = proc.stdout if ready == "sink listening" else proc.stderr
     while line := await asyncio.wait_for(stream.readline(), 20):
         if ready.encode() in line:
+            # Keep reading both pipes: a full pipe would block the process on its next log line.
+            for pipe in (proc.stdout, proc.stderr):
+                _DRAINS.add(asyncio.create_task(_drain(pipe)))
             return proc
     raise RuntimeError(f"{args} did not start")
+
+
+_DRAINS: set[asyncio.Task[None]] = set()
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 async def main(n: int, clients: int, size: int, sinks_count: int, spool_parent: str | None) -> None:
@@ -92,7 +103,7 @@ async def main(n: int, clients: int, size: int, sinks_count: int, spool_parent: 
                 for i, p in enumerate(sink_ports)
             )
             cfg.write_text(
-                f'[server]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "bench"\n'
+                f'[server]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "bench"\nworkers = 1\n'
                 f'[spool]\ndirectory = "{tmp}/spool"\n'
                 f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n{ups}'
             )

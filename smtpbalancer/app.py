@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -24,9 +25,13 @@ from smtpbalancer.delivery.retry import RetryPolicy
 from smtpbalancer.delivery.scheduler import Scheduler
 from smtpbalancer.envelope import Envelope, QueueIds
 from smtpbalancer.errors import SpoolError
+from smtpbalancer.events.event import IncidentEvent
+from smtpbalancer.events.log import EventLog
 from smtpbalancer.frontend.admission import Limits
 from smtpbalancer.frontend.auth import Authenticator
+from smtpbalancer.frontend.dedupe import DedupeWindow
 from smtpbalancer.frontend.handler import Handler
+from smtpbalancer.frontend.routing import Router
 from smtpbalancer.frontend.server import FrontEnd
 from smtpbalancer.reload import Diff, Reloader
 from smtpbalancer.spool import recovery
@@ -35,7 +40,7 @@ from smtpbalancer.spool.record import MessageMeta
 from smtpbalancer.spool.store import SpoolStore
 from smtpbalancer.tasks import cancel_and_wait, spawn
 from smtpbalancer.upstream.health import HealthChecker, Probe, smtp_probe
-from smtpbalancer.upstream.registry import Registry
+from smtpbalancer.upstream.registry import Registry, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class Submitter:
         self._dispatcher = dispatcher
         self._clock = clock
         self._ids = QueueIds()
+        self._routed: dict[str, metrics.CounterChild] = {}
         self.accepted = 0
 
     def next_queue_id(self) -> str:
@@ -63,16 +69,28 @@ class Submitter:
             raise
         self.accepted += 1
         metrics.MESSAGES_RECEIVED.inc()
+        routed = self._routed.get(envelope.pool)
+        if routed is None:  # bounded: pools come from the config
+            routed = self._routed[envelope.pool] = metrics.MESSAGES_ROUTED.labels(envelope.pool)
+        routed.inc()
         self._dispatcher.enqueue(meta, body)
 
 
 class App:
     def __init__(
-        self, config: Config, clock: Clock | None = None, *, config_path: Path | None = None
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        *,
+        config_path: Path | None = None,
+        adapt: Callable[[Config], Config] | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """`adapt` and `reuse_port` make this one of several workers (see workers.py)."""
         self.config = config
         self.clock = clock or SystemClock()
-        self.reloader = Reloader(config, config_path)  # SIGHUP / admin: re-read config_path
+        # SIGHUP / admin: re-read config_path (a worker takes its share of it: adapt)
+        self.reloader = Reloader(config, config_path, adapt or (lambda cfg: cfg))
         cfg = config
         self.store = SpoolStore(cfg.spool.directory, self.clock)
         self.registry = Registry(
@@ -81,15 +99,18 @@ class App:
             self.clock,
             local_hostname=cfg.server.hostname,
             timeout_s=cfg.delivery.timeout_s,
+            pools=cfg.pools,
         )
         self.health = HealthChecker(
             _probes(cfg, self.registry),
             interval_s=cfg.health_check.interval_s,
             fall=cfg.health_check.fall,
             rise=cfg.health_check.rise,
-            on_change=self.registry.on_health,
+            on_change=self._on_health,
             clock=self.clock,
         )
+        self.events = EventLog(cfg.events, cfg.spool.directory / "events", self.clock)
+        self._all_down = False
         self.scheduler = Scheduler(self.clock)
         self.dispatcher = Dispatcher(
             store=self.store,
@@ -99,7 +120,9 @@ class App:
             clock=self.clock,
             hostname=cfg.server.hostname,
             concurrency=_concurrency(cfg),
+            events=self.events,
         )
+        self.registry.on_breaker = self._on_breaker
         self.submitter = Submitter(self.store, self.dispatcher, self.clock)
         self.capacity = Capacity(cfg.spool, lambda: self.store.bytes, self.clock)
         self.tls_context, self.authenticator = self._security()
@@ -110,6 +133,9 @@ class App:
             pressure=self.capacity,
             clock=self.clock,
             auth=self.authenticator,
+            router=Router(cfg.routes, cfg.fallback_pool),
+            dedupe=_dedupe(cfg, None),
+            copy_headers=cfg.events.copy_headers,
         )
         self.frontend = FrontEnd(
             cfg.server,
@@ -117,6 +143,7 @@ class App:
             self.clock,
             tls=self.tls_context,
             auth=self.authenticator is not None,
+            reuse_port=reuse_port,
         )
         self.smtp_address: tuple[str, int] = ("", 0)
         self.metrics_address: tuple[str, int] | None = None
@@ -133,11 +160,14 @@ class App:
         self.store.open()
         try:
             found = await asyncio.to_thread(recovery.scan, self.store)
+            await asyncio.to_thread(self.events.open)
         except BaseException:
             self.store.close()
             raise
         for meta, progress in found.messages:
             self.dispatcher.enqueue(meta, None, progress)
+        for meta, progress in found.held:  # known, so that a release can schedule them
+            self.dispatcher.adopt_held(meta, progress)
         self.recovered = len(found.messages)
         if found.messages or found.removed_temp or found.quarantined:
             log.info(
@@ -152,6 +182,8 @@ class App:
             lambda: float(len(self.frontend.sessions)),
         )
         self._tasks.append(spawn(self.dispatcher.run(), name="dispatcher"))
+        self.events.start()
+        self.handler.on_backpressure = self._on_backpressure
         self._tasks.append(spawn(self.health.run(), name="health-checker"))
 
         await self.capacity.refresh()  # free disk is known before the first MAIL
@@ -222,6 +254,7 @@ class App:
             cfg.circuit_breaker,
             local_hostname=server.hostname,
             timeout_s=cfg.delivery.timeout_s,
+            pools=cfg.pools,
         )
         # From here on nothing raises: every step is an assignment of a validated value.
         if self.tls_context is not None and server.tls_cert and server.tls_key:
@@ -246,6 +279,9 @@ class App:
         self.handler.reconfigure(
             hostname=server.hostname,
             limits=_limits(cfg, auth_offered=self.authenticator is not None),
+            router=Router(cfg.routes, cfg.fallback_pool),
+            dedupe=_dedupe(cfg, self.handler.dedupe),
+            copy_headers=cfg.events.copy_headers,
         )
         self.frontend.reconfigure(server)
         metrics.SPOOL_MAX_BYTES.set(cfg.spool.max_size_bytes)
@@ -269,6 +305,7 @@ class App:
         await self.frontend.stop(self.config.server.drain_timeout_s)
         await cancel_and_wait(self._tasks)
         await self.dispatcher.finish(DELIVERY_FINISH_S)
+        await self.events.stop()
         await self.registry.close()
         if self._admin is not None:
             await asyncio.to_thread(self._admin.stop)
@@ -295,7 +332,57 @@ class App:
             drain=self.registry.set_drained,
             set_weight=self.registry.set_weight,
             reload=self.reload,
+            queue=self.queue_operation,
         )
+
+    async def queue_operation(self, op: str, ids: tuple[str, ...]) -> dict[str, str]:
+        """An operator's hold/release/delete/retry on the running instance, per queue id."""
+        if op == "retry":
+            if not ids:
+                return self.dispatcher.retry(None)
+            return {k: v for qid in ids for k, v in self.dispatcher.retry(qid).items()}
+        act = {
+            "hold": self.dispatcher.hold,
+            "release": self.dispatcher.release,
+            "delete": self.dispatcher.delete,
+        }[op]
+        results: dict[str, str] = {}
+        for qid in ids:
+            try:
+                results[qid] = await act(qid)
+            except SpoolError as exc:
+                log.error("queue.%s_failed queue_id=%s error=%s", op, qid, exc)
+                results[qid] = f"error: {exc}"
+            else:
+                if results[qid] not in ("unknown", "busy"):
+                    log.warning("queue.%s queue_id=%s by=admin", op, qid)
+        return results
+
+    # --- incidents: breaker, all relays down, backpressure (incident_url) ------------
+
+    def _on_health(self, name: str, healthy: bool, reason: str) -> None:
+        self.registry.on_health(name, healthy, reason)
+        self._check_all_down(f"health check: {name} {'up' if healthy else 'down'}")
+
+    def _on_breaker(self, upstream: Upstream, state: str, reason: str) -> None:
+        if state in ("open", "closed"):
+            name, pool = upstream.name, upstream.config.pool
+            self._incident(f"breaker_{state}", reason, upstream=name, pool=pool)
+        self._check_all_down(f"breaker {upstream.name} {state}")
+
+    def _on_backpressure(self, on: bool, detail: str) -> None:
+        self._incident("backpressure_on" if on else "backpressure_off", detail)
+
+    def _check_all_down(self, detail: str) -> None:
+        down = self.registry.eligible_count(self.clock.monotonic()) == 0
+        if down != self._all_down:
+            self._all_down = down
+            self._incident("all_upstreams_down" if down else "all_upstreams_up", detail)
+
+    def _incident(self, kind: str, detail: str, *, upstream: str = "", pool: str = "") -> None:
+        if self.events.wants_incidents:
+            event = IncidentEvent(kind, self.clock.wall(), upstream, pool, detail)
+            spawn(self.events.emit([event]), name=f"incident:{kind}")
 
     def readiness(self) -> Readiness:
         """Ready for mail: not draining, spool accepting, at least one relay eligible."""
@@ -319,6 +406,7 @@ class App:
                 "bytes": self.store.bytes,
                 "oldest_age_s": round(self._oldest_age_s(), 1),
                 "parked": self.scheduler.parked,
+                "held": self.dispatcher.held,
                 "in_flight": self.dispatcher.inflight,
             },
             "spool": {
@@ -328,6 +416,7 @@ class App:
                 "free_disk_bytes": self.capacity.free_disk_bytes,
             },
             "upstreams": self.registry.status(now),
+            "events": self.events.status(),
         }
 
     async def __aenter__(self) -> App:
@@ -341,6 +430,16 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _dedupe(cfg: Config, current: DedupeWindow | None) -> DedupeWindow | None:
+    """The dedupe memory for `cfg`; a reload keeps what is remembered, with new bounds."""
+    if not cfg.dedupe.enabled:
+        return None
+    if current is None:
+        return DedupeWindow(cfg.dedupe.window_s, cfg.dedupe.max_entries)
+    current.window_s, current.max_entries = cfg.dedupe.window_s, cfg.dedupe.max_entries
+    return current
 
 
 def _probes(cfg: Config, registry: Registry) -> dict[str, Probe]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -16,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from smtpbalancer import __version__, config, logs, queue_admin
+from smtpbalancer import __version__, config, logs, queue_admin, sdnotify
 from smtpbalancer.errors import ConfigError, SpoolError
 
 log = logging.getLogger("smtpbalancer")
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "check-config":
         return _check_config(args.config)
     if command == "serve":
-        return _serve(args.config, args.loop)
+        options = ["--loop", args.loop]  # what each worker of a supervisor is started with
+        if args.log_level:
+            options += ["--log-level", args.log_level]
+        options += ["--log-format", args.log_format or default_format]
+        return _serve(args.config, args.loop, options)
     if command == "passwd":
         return _passwd(args.user)
     if command == "sink":
@@ -121,22 +126,51 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _serve(path: Path, loop_name: str) -> int:
+def _serve(path: Path, loop_name: str, options: list[str]) -> int:
     try:
         cfg = config.load(path)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config.invalid %s", problem)
         return 2
+    from smtpbalancer import workers
     from smtpbalancer.app import App
     from smtpbalancer.tasks import spawn
 
+    role = workers.WorkerRole.from_env()
+    if role is None and workers.refuse_stranded(cfg):
+        return 1
+    if role is None and cfg.server.workers > 1:
+        return _run(lambda: workers.Supervisor(cfg, path, options).run(), loop_name)
+
+    def make_app() -> App:
+        if role is None:
+            return App(cfg, config_path=path)
+        return App(
+            workers.worker_config(cfg, role),
+            config_path=path,
+            adapt=functools.partial(workers.worker_config, role=role),
+            reuse_port=True,
+        )
+
     async def serve() -> int:
-        app = App(cfg, config_path=path)
+        app = make_app()
+        ready = False  # READY=1 was sent: systemd is told about reloads only after it
+
+        async def reload() -> None:
+            if ready:  # sd_notify(3): RELOADING=1 carries CLOCK_MONOTONIC in µs
+                sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={int(app.clock.monotonic() * 1e6)}")
+            outcome = "reload failed"
+            try:
+                outcome = await app.reload()
+            finally:
+                if ready:
+                    sdnotify.notify(f"READY=1\nSTATUS={sdnotify.status_line(outcome)}")
+
         # Before start: the ready line may make a supervisor send SIGHUP at once.
         # A reload (config file + certificate) runs as its own task; it logs its outcome.
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: spawn(app.reload(), name="config-reload")
+            signal.SIGHUP, lambda: spawn(reload(), name="config-reload")
         )
         try:
             await app.start()
@@ -150,7 +184,12 @@ def _serve(path: Path, loop_name: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, app.request_stop)
+        ready = True  # app.start() returned: the SMTP listeners accept
+        if role is not None:
+            workers.report_ready(role, app.metrics_address[1] if app.metrics_address else 0)
+        sdnotify.notify("READY=1\nSTATUS=accepting mail on {}:{}".format(*app.smtp_address))
         await app.wait_stopped()
+        sdnotify.notify("STOPPING=1\nSTATUS=draining")
         await app.stop()
         return 0
 

@@ -18,12 +18,13 @@ import re
 import socket
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 from smtpbalancer import passwords
+from smtpbalancer.envelope import DEFAULT_POOL
 from smtpbalancer.errors import ConfigError
 
 T = TypeVar("T")
@@ -56,6 +57,8 @@ class ServerConfig:
     )
     idle_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
+    # Relay processes sharing the SMTP port (SO_REUSEPORT), one spool shard each (workers.py).
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Line discipline and session bounds (frontend/guard.py, frontend/hardening.py).
     data_timeout_s: float = 600.0  # the whole DATA phase, from the DATA command to the final dot
     greet_pause_s: float = 0.0  # wait this long before the greeting; talkers get 554 (0 = off)
@@ -137,6 +140,7 @@ class UpstreamConfig:
     max_messages_per_connection: int = 100
     max_recipients_per_message: int = 50  # larger envelopes are split (SES takes 50)
     backup: bool = False
+    pool: str = "default"  # the named pool it serves (routes pick a pool per message)
     rate_per_s: float | None = None  # from "14/s", "600/m", "1000/h"; None = unlimited
     daily_quota: int | None = None  # messages per rolling 24 h; None = unlimited
     slow_start_s: float = 30.0
@@ -152,6 +156,61 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """`[pool.NAME]`: what a pool does when none of its upstreams is eligible."""
+
+    name: str
+    spill: str | None = None  # try this pool's upstreams instead; None = hold in the spool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """`[[route]]`: every condition given must match; first matching route wins."""
+
+    pool: str
+    header_name: str | None = None  # e.g. "X-Pool" (case-insensitive)
+    header_value: str | None = None  # glob, case-insensitive
+    keep_header: bool = False  # else the routing header is removed before relaying
+    user: str | None = None  # glob on the AUTH user
+    sender: str | None = None  # glob on the envelope sender, case-insensitive
+    recipient_domain: str | None = None  # glob; every recipient's domain must match
+
+    @property
+    def unconditional(self) -> bool:
+        return not (self.header_name or self.user or self.sender or self.recipient_domain)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventsConfig:
+    """`[events]`: per-recipient delivery events POSTed (signed, batched) to the ESP."""
+
+    webhook_url: str | None = None
+    secret: str | None = field(default=None, repr=False)  # from secret_file / secret_env
+    batch_size: int = 100
+    flush_interval_s: float = 1.0  # a partial batch waits at most this long
+    timeout_s: float = 10.0
+    retry_max_s: float = 300.0
+    copy_headers: tuple[str, ...] = ()  # e.g. ("X-Campaign-ID",): copied into every event
+    incident_url: str | None = None  # breaker, all-down and backpressure events go here
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook_url is not None or self.incident_url is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DedupeConfig:
+    """`[dedupe]`: a resend of an accepted message inside `window_s` is acked, not queued."""
+
+    window_s: float = 0.0  # 0 = off
+    max_entries: int = 1_000_000  # memory bound; the oldest are forgotten first
+
+    @property
+    def enabled(self) -> bool:
+        return self.window_s > 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     server: ServerConfig
     spool: SpoolConfig
@@ -160,7 +219,26 @@ class Config:
     health_check: HealthCheckConfig
     circuit_breaker: BreakerConfig
     upstreams: tuple[UpstreamConfig, ...]
+    pools: tuple[PoolConfig, ...] = ()  # every pool an upstream names, in first-seen order
+    routes: tuple[RouteConfig, ...] = ()
+    events: EventsConfig = field(default_factory=EventsConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     source: str = "<defaults>"
+
+    def pool(self, name: str) -> PoolConfig:
+        return next((p for p in self.pools if p.name == name), PoolConfig(name=name))
+
+    @property
+    def fallback_pool(self) -> str:
+        return fallback_pool([p.name for p in self.pools])
+
+
+def fallback_pool(pools: Sequence[str]) -> str:
+    """The pool for mail no route claims (and for mail spooled for a pool since removed):
+    "default" when an upstream serves it, else the first pool the config names."""
+    if not pools or DEFAULT_POOL in pools:
+        return DEFAULT_POOL
+    return pools[0]
 
 
 # --- value parsers (shared with the CLI) -------------------------------------
@@ -383,6 +461,10 @@ _SECTIONS = (
     "health_check",
     "circuit_breaker",
     "upstream",
+    "pool",
+    "route",
+    "events",
+    "dedupe",
 )
 
 
@@ -409,7 +491,11 @@ def from_mapping(raw: Mapping[str, object], source: str = "<mapping>") -> Config
         metrics=_metrics(_Keys(raw.get("metrics"), "metrics", problems)),
         health_check=_health(_Keys(raw.get("health_check"), "health_check", problems)),
         circuit_breaker=_breaker(_Keys(raw.get("circuit_breaker"), "circuit_breaker", problems)),
-        upstreams=_upstreams(raw.get("upstream"), problems),
+        upstreams=(upstreams := _upstreams(raw.get("upstream"), problems)),
+        pools=_pools(raw.get("pool"), upstreams, problems),
+        routes=_routes(raw.get("route"), upstreams, problems),
+        events=_events(_Keys(raw.get("events"), "events", problems)),
+        dedupe=_dedupe(_Keys(raw.get("dedupe"), "dedupe", problems)),
         source=source,
     )
     if cfg.delivery.retry_max_s < cfg.delivery.retry_initial_s:
@@ -435,6 +521,7 @@ def _server(keys: _Keys) -> ServerConfig:
         allow_networks=keys.networks("allow_networks", d.allow_networks),
         idle_timeout_s=keys.duration("idle_timeout", d.idle_timeout_s, positive=True),
         drain_timeout_s=keys.duration("drain_timeout", d.drain_timeout_s),
+        workers=keys.integer("workers", d.workers, low=1),
         **_server_security(keys, d),
         **_server_hardening(keys, d),
     )
@@ -596,6 +683,7 @@ def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
             max_messages_per_connection=keys.integer("max_messages_per_connection", 100, low=1),
             max_recipients_per_message=keys.integer("max_recipients_per_message", 50, low=1),
             backup=keys.boolean("backup", False),
+            pool=keys.text("pool", DEFAULT_POOL),
             rate_per_s=keys.optional_rate("rate"),
             daily_quota=keys.optional_integer("daily_quota", low=1),
             slow_start_s=keys.duration("slow_start", 30.0),
@@ -611,6 +699,157 @@ def _upstreams(raw: object, problems: list[str]) -> tuple[UpstreamConfig, ...]:
     if raw and not any(u.weight > 0 for u in result):
         problems.append("upstream: at least one upstream needs weight > 0")
     return tuple(result)
+
+
+# --- pools, routes, events, dedupe -------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _pools(
+    raw: object, upstreams: tuple[UpstreamConfig, ...], problems: list[str]
+) -> tuple[PoolConfig, ...]:
+    """Every pool an upstream names, with its `[pool.NAME]` settings (spill)."""
+    names = list(dict.fromkeys(u.pool for u in upstreams))
+    for name in names:
+        if not _NAME.fullmatch(name):
+            problems.append(f"upstream: pool {name!r}: use letters, digits, '.', '_' or '-'")
+    tables: Mapping[str, object] = {}
+    if raw is not None and not isinstance(raw, Mapping):
+        problems.append("pool: must be a table of pools ([pool.NAME])")
+    elif raw is not None:
+        tables = raw
+    settings: dict[str, PoolConfig] = {}
+    for name, table in tables.items():
+        keys = _Keys(table, f"pool.{name}", problems)
+        spill = keys.text("spill", "") or None
+        keys.reject_unknown()
+        if name not in names:
+            problems.append(f"pool.{name}: no [[upstream]] has pool = {name!r}")
+        elif spill is not None and spill not in names:
+            keys.problem("spill", f"no [[upstream]] has pool = {spill!r}")
+        elif spill == name:
+            keys.problem("spill", "a pool cannot spill into itself")
+        settings[name] = PoolConfig(name=name, spill=spill)
+    return tuple(settings.get(n, PoolConfig(name=n)) for n in names)
+
+
+def _routes(
+    raw: object, upstreams: tuple[UpstreamConfig, ...], problems: list[str]
+) -> tuple[RouteConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append("route: must be an array of tables ([[route]])")
+        return ()
+    pools = {u.pool for u in upstreams}
+    routes: list[RouteConfig] = []
+    for i, item in enumerate(raw):
+        keys = _Keys(item, f"route[{i}]", problems)
+        pool = keys.text("pool")
+        header = keys._get("header")
+        header_name = header_value = None
+        if header is not None:
+            if (
+                not isinstance(header, Mapping)
+                or set(header) != {"name", "value"}
+                or not all(isinstance(v, str) and v for v in header.values())
+            ):
+                keys.problem("header", 'expected { name = "X-Pool", value = "transactional" }')
+            else:
+                header_name, header_value = str(header["name"]), str(header["value"])
+                if not re.fullmatch(r"[!-9;-~]+", header_name):
+                    keys.problem("header", f"not a header field name: {header_name!r}")
+        route = RouteConfig(
+            pool=pool,
+            header_name=header_name,
+            header_value=header_value,
+            keep_header=keys.boolean("keep_header", False),
+            user=keys.text("user", "") or None,
+            sender=keys.text("sender", "") or None,
+            recipient_domain=keys.text("recipient_domain", "") or None,
+        )
+        keys.reject_unknown()
+        if pool and pool not in pools:
+            keys.problem("pool", f"no [[upstream]] has pool = {pool!r}")
+        if route.keep_header and header_name is None:
+            keys.problem("keep_header", "only means something with header = {...}")
+        if routes and routes[-1].unconditional:
+            keys.problem("pool", "never used: an earlier route has no condition and matches all")
+        routes.append(route)
+    return tuple(routes)
+
+
+def _secret(keys: _Keys, stem: str) -> str | None:
+    """A secret named by `<stem>_env` or `<stem>_file`; never inline."""
+    env = keys.text(f"{stem}_env", "") or None
+    file = keys.text(f"{stem}_file", "") or None
+    if env is not None and file is not None:
+        keys.problem(f"{stem}_file", f"give {stem}_env or {stem}_file, not both")
+        return None
+    if env is not None:
+        value = os.environ.get(env, "")
+        if not value:
+            keys.problem(f"{stem}_env", f"environment variable {env!r} is not set or empty")
+        return value or None
+    if file is not None:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            keys.problem(f"{stem}_file", f"cannot read {file}: {why}")
+            return None
+        if not value:
+            keys.problem(f"{stem}_file", f"{file} is empty")
+        return value or None
+    return None
+
+
+def _url(keys: _Keys, key: str) -> str | None:
+    value = keys.text(key, "") or None
+    if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        keys.problem(key, f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _events(keys: _Keys) -> EventsConfig:
+    d = EventsConfig()
+    webhook_url = _url(keys, "webhook_url")
+    incident_url = _url(keys, "incident_url")
+    secret = _secret(keys, "secret")
+    copy = keys._get("copy_headers")
+    copy_headers: tuple[str, ...] = ()
+    if copy is not None:
+        if not isinstance(copy, list) or not all(
+            isinstance(h, str) and re.fullmatch(r"[!-9;-~]+", h) for h in copy
+        ):
+            keys.problem("copy_headers", 'expected a list of header names, e.g. ["X-Campaign-ID"]')
+        else:
+            copy_headers = tuple(str(h) for h in copy)
+    cfg = EventsConfig(
+        webhook_url=webhook_url,
+        secret=secret,
+        batch_size=keys.integer("batch_size", d.batch_size, low=1),
+        flush_interval_s=keys.duration("flush_interval", d.flush_interval_s, positive=True),
+        timeout_s=keys.duration("timeout", d.timeout_s, positive=True),
+        retry_max_s=keys.duration("retry_max", d.retry_max_s, positive=True),
+        copy_headers=copy_headers,
+        incident_url=incident_url,
+    )
+    if cfg.enabled and secret is None:
+        keys.problem("secret_file", "events are signed: set secret_file or secret_env")
+    keys.reject_unknown()
+    return cfg
+
+
+def _dedupe(keys: _Keys) -> DedupeConfig:
+    d = DedupeConfig()
+    cfg = DedupeConfig(
+        window_s=keys.duration("window", d.window_s),
+        max_entries=keys.integer("max_entries", d.max_entries, low=1),
+    )
+    keys.reject_unknown()
+    return cfg
 
 
 # --- outbound TLS and credentials ------------------------------------------------

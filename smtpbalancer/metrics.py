@@ -8,10 +8,12 @@ never sender, recipient or domain. `_created` series are off.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import prometheus_client
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -83,9 +85,26 @@ UPSTREAM_EFFECTIVE_RATE = Gauge(
     "Messages per second the upstream may get now (configured rate after AIMD; +Inf = no limit).",
     ["upstream"],
 )
+UPSTREAM_INFO = Gauge(
+    "smtpbalancer_upstream_info",
+    "Always 1; the pool label says which named pool the upstream serves (join on upstream).",
+    ["upstream", "pool"],
+)
+DUPLICATES_SUPPRESSED = Counter(
+    "smtpbalancer_duplicates_suppressed",
+    "Recipients of resent messages acknowledged but not queued again ([dedupe] window).",
+)
+MESSAGES_ROUTED = Counter(
+    "smtpbalancer_messages_routed",
+    "Messages accepted, by the named pool their route chose.",
+    ["pool"],
+)
 SPOOL_WRITE_ERRORS = Counter(
     "smtpbalancer_spool_write_errors", "Spool writes or fsyncs that failed (answered 451)."
 )
+
+
+CounterChild = Counter  # what .labels(...) returns: bind once, then .inc() on the hot path
 
 
 class UpstreamMetrics:
@@ -131,7 +150,7 @@ def bind_upstream_gauges(
     UPSTREAM_HEALTHY.labels(upstream).set_function(healthy)
 
 
-def forget_upstream(upstream: str, states: tuple[str, ...]) -> None:
+def forget_upstream(upstream: str, states: tuple[str, ...], pool: str) -> None:
     """Drop every series labelled with a removed upstream, so dashboards stop showing it."""
     for family in (
         MESSAGES_DELIVERED,
@@ -146,6 +165,7 @@ def forget_upstream(upstream: str, states: tuple[str, ...]) -> None:
         _remove(DELIVERY_ATTEMPTS, upstream, outcome)
     for state in states:
         _remove(UPSTREAM_CIRCUIT_STATE, upstream, state)
+    _remove(UPSTREAM_INFO, upstream, pool)
 
 
 def _remove(family: Counter | Gauge | Histogram, *labels: str) -> None:
@@ -156,3 +176,71 @@ def _remove(family: Counter | Gauge | Histogram, *labels: str) -> None:
 def set_breaker_state(upstream: str, state: str, states: tuple[str, ...]) -> None:
     for s in states:
         UPSTREAM_CIRCUIT_STATE.labels(upstream, s).set(1.0 if s == state else 0.0)
+
+
+def merge_workers(expositions: Mapping[str, str | None]) -> bytes:
+    """One exposition from several workers' /metrics: each sample gains a `worker` label.
+
+    A worker that did not answer (None) shows as smtpbalancer_worker_up 0. Sum over
+    `worker` for counters and queue gauges; take the max for upstream_healthy.
+    """
+    families: dict[str, Metric] = {}
+    up = GaugeMetricFamily(
+        "smtpbalancer_worker_up", "1 if the worker answered this scrape.", labels=["worker"]
+    )
+    for worker, text in expositions.items():
+        up.add_metric([worker], 0.0 if text is None else 1.0)
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, "worker": worker}))
+    return generate_latest(_Fixed([up, *families.values()]))
+
+
+class _Fixed:
+    """A collector that yields given families once (for generate_latest)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+# --- delivery events (events/outbox.py, events/webhook.py) ------------------------------
+
+EVENTS_PENDING = Gauge(
+    "smtpbalancer_events_pending",
+    "Events in the durable outbox not yet accepted by the webhook, per outbox.",
+    ["outbox"],
+)
+EVENTS_SENT = Counter(
+    "smtpbalancer_events_sent", "Events the webhook accepted (2xx), per outbox.", ["outbox"]
+)
+EVENTS_DROPPED = Counter(
+    "smtpbalancer_events_dropped",
+    "Events lost unsent: the outbox was full (oldest dropped first) or could not be written.",
+    ["outbox"],
+)
+WEBHOOK_FAILURES = Counter(
+    "smtpbalancer_webhook_failures",
+    "Webhook POSTs that failed and will be retried, by reason.",
+    ["outbox", "reason"],
+)
+WEBHOOK_FAILURE_REASONS = ("connect", "timeout", "http_4xx", "http_5xx", "protocol")
+
+
+class EventMetrics:
+    """Children bound once per outbox ("delivery", "incident")."""
+
+    __slots__ = ("dropped", "failures", "pending", "sent")
+
+    def __init__(self, outbox: str) -> None:
+        self.pending = EVENTS_PENDING.labels(outbox)
+        self.sent = EVENTS_SENT.labels(outbox)
+        self.dropped = EVENTS_DROPPED.labels(outbox)
+        self.failures = {r: WEBHOOK_FAILURES.labels(outbox, r) for r in WEBHOOK_FAILURE_REASONS}

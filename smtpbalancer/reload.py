@@ -46,6 +46,7 @@ RESTART_ONLY: Final = frozenset(
     {
         "server.listen",
         "server.tls_listen",
+        "server.workers",
         "spool.directory",
         "metrics.listen",
         "metrics.admin_token_file",
@@ -119,9 +120,15 @@ def keep_restart_only(old: Config, new: Config) -> Config:
 class Reloader:
     """Owns the running config and its generation; `reload` never half-applies."""
 
-    def __init__(self, current: Config, path: Path | None) -> None:
+    def __init__(
+        self,
+        current: Config,
+        path: Path | None,
+        adapt: Callable[[Config], Config] = lambda cfg: cfg,
+    ) -> None:
         self.current = current
         self.path = path
+        self._adapt = adapt  # a worker's share of the file's config (workers.worker_config)
         self.generation = 1
         self.failures = 0
         self._lock = asyncio.Lock()  # SIGHUP and the admin hook may race
@@ -140,7 +147,7 @@ class Reloader:
             if self.path is None:
                 return self._refuse(["no config file to reload (started from a mapping)"])
             try:
-                loaded = await asyncio.to_thread(config.load, self.path)
+                loaded = self._adapt(await asyncio.to_thread(config.load, self.path))
             except ConfigError as exc:
                 return self._refuse(exc.problems)
             change = diff(self.current, loaded)

@@ -126,6 +126,11 @@ def queued(queue_id: str) -> str:
     return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
+def duplicate(queue_id: str) -> str:
+    """DATA reply for a resend suppressed by [dedupe]: the first copy's queue id, last."""
+    return f"250 2.0.0 Ok: duplicate, not queued again; queued as {queue_id}"
+
+
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._@<>-]+)", re.IGNORECASE)
 
 

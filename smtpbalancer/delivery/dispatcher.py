@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from smtpbalancer.clock import Clock
@@ -30,6 +30,8 @@ from smtpbalancer.delivery.retry import RetryPolicy
 from smtpbalancer.delivery.scheduler import Job, Scheduler
 from smtpbalancer.envelope import Envelope
 from smtpbalancer.errors import SpoolCorrupt, SpoolError, UpstreamError
+from smtpbalancer.events.event import BOUNCED, DEFERRED, DELIVERED, EXPIRED, DeliveryEvent
+from smtpbalancer.events.log import EventLog
 from smtpbalancer.metrics import MESSAGES_BOUNCED
 from smtpbalancer.replies import SendResult, Signal
 from smtpbalancer.spool.record import Failure, MessageMeta, Progress
@@ -56,8 +58,10 @@ class Dispatcher:
         hostname: str,
         concurrency: int,
         rng: random.Random | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self._store = store
+        self._events = events if events is not None and events.wants_delivery else None
         self._registry = registry
         self._scheduler = scheduler
         self._policy = policy
@@ -68,6 +72,8 @@ class Dispatcher:
         self._owed = 0  # slots to swallow on release after a reload shrank the concurrency
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._jobs: dict[str, Job] = {}  # every spooled message this instance knows, by id
+        self._running: set[str] = set()  # ids with an attempt, expiry or bounce under way
         self._hot_bytes = 0
         self._opening: asyncio.TimerHandle | None = None
         self._opening_at = 0.0
@@ -92,10 +98,81 @@ class Dispatcher:
         self, meta: MessageMeta, body: bytes | None, progress: Progress | None = None
     ) -> None:
         job = Job(meta, progress or Progress())
+        self._jobs[meta.queue_id] = job
         if body is not None and self._hot_bytes + len(body) <= HOT_BODY_BUDGET:
             job.body = body
             self._hot_bytes += len(body)
         self._scheduler.add(job)
+
+    def adopt_held(self, meta: MessageMeta, progress: Progress) -> None:
+        """A message recovered with an operator's hold: known, but not scheduled."""
+        self._jobs[meta.queue_id] = Job(meta, progress, held=True)
+
+    # --- operator actions (the admin endpoint; see queue_admin) -------------------
+
+    @property
+    def held(self) -> int:
+        return sum(1 for job in self._jobs.values() if job.held)
+
+    async def hold(self, queue_id: str) -> str:
+        """Stop attempting a message until released; an attempt under way finishes."""
+        job = self._jobs.get(queue_id)
+        if job is None:
+            return "unknown"
+        if not job.held:
+            await self._store.hold(queue_id)  # the marker first: a hold survives a restart
+            job.held = True
+            if queue_id not in self._running:
+                self._scheduler.discard(job)
+                self._drop_hot(job)
+        return "held"
+
+    async def release(self, queue_id: str) -> str:
+        job = self._jobs.get(queue_id)
+        if job is None:
+            return "unknown"
+        if job.held:
+            await self._store.release(queue_id)
+            job.held = False
+            if queue_id not in self._running:
+                self._scheduler.add(job)
+        return "released"
+
+    async def delete(self, queue_id: str) -> str:
+        """Drop a message without a bounce (an operator's decision; logged by the caller)."""
+        job = self._jobs.get(queue_id)
+        if job is None:
+            return "unknown"
+        if queue_id in self._running:
+            return "busy"  # an upstream may be taking it right now: try again in a moment
+        self._scheduler.discard(job)
+        del self._jobs[queue_id]
+        try:
+            await self._store.delete(queue_id)
+        except SpoolError:
+            self._jobs[queue_id] = job
+            if not job.held:
+                self._scheduler.add(job)
+            raise
+        self._drop_hot(job)
+        return "deleted"
+
+    def retry(self, queue_id: str | None) -> dict[str, str]:
+        """Attempt now, skipping the backoff (one id, or every message when None)."""
+        if queue_id is not None and queue_id not in self._jobs:
+            return {queue_id: "unknown"}
+        chosen = list(self._jobs.values()) if queue_id is None else [self._jobs[queue_id]]
+        results: dict[str, str] = {}
+        for job in chosen:
+            if job.held:
+                results[job.queue_id] = "held"
+            elif job.queue_id in self._running:
+                results[job.queue_id] = "busy"
+            else:
+                job.avoid.clear()
+                self._scheduler.add(job)
+                results[job.queue_id] = "scheduled"
+        return results
 
     async def run(self) -> None:
         while True:
@@ -105,6 +182,10 @@ class Dispatcher:
             except BaseException:
                 self._release_slot()
                 raise
+            if job.held:  # held while it waited: it waits for a release now
+                self._drop_hot(job)
+                self._release_slot()
+                continue
             # Every upstream that could take it is out of rate tokens: hold this job (and
             # the loop) until the first token, rather than re-queueing everything per token.
             while (wait_s := self._dispatch(job)) is not None:
@@ -159,7 +240,7 @@ class Dispatcher:
             self._start(job, self._expire(job))
             return None
         now = self._clock.monotonic()
-        choice = self._registry.choose(now, frozenset(job.avoid))
+        choice = self._registry.choose(now, frozenset(job.avoid), meta.envelope.pool)
         if isinstance(choice, Pick):
             self._start(job, self._attempt(job, choice))
             return None
@@ -175,6 +256,7 @@ class Dispatcher:
         return None
 
     def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        self._running.add(job.queue_id)
         task = spawn(self._guarded(job, work), name=f"deliver:{job.queue_id}")
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -234,6 +316,7 @@ class Dispatcher:
             self._drop_hot(job)
             self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
         finally:
+            self._running.discard(job.queue_id)
             self._release_slot()
 
     async def _body(self, job: Job) -> bytes | None:
@@ -242,11 +325,13 @@ class Dispatcher:
         try:
             return await self._store.load_body(job.meta)
         except SpoolCorrupt as exc:
+            self._jobs.pop(job.queue_id, None)
             await self._store.quarantine(job.meta, exc.why)
             return None
         except FileNotFoundError:
             # Removed behind our back (an operator): nothing left to deliver or retry.
             log.error("spool.missing queue_id=%s action=forget", job.queue_id)
+            self._jobs.pop(job.queue_id, None)
             self._store.forget(job.meta)
             return None
 
@@ -321,6 +406,8 @@ class Dispatcher:
             )
             for r in failed
         }
+        if self._events is not None:  # durable before the outcome is: never a missing event
+            await self._events.emit(_outcome_events(job, upstream, verdict, wall))
         job.progress = Progress(
             delivered=old.delivered | frozenset(delivered),
             failed={**old.failed, **new_failures},
@@ -364,6 +451,11 @@ class Dispatcher:
             last = job.last_reply.get(rcpt)
             failures[rcpt] = Failure(EXPIRED_STATUS, last.line if last else "", "", wall)
         log.warning("delivery.expired queue_id=%s rcpts=%d", job.queue_id, len(pending))
+        if self._events is not None:
+            await self._events.emit(
+                _event(job, r, EXPIRED, "", failures[r].diagnostic, EXPIRED_STATUS, "", wall)
+                for r in pending
+            )
         job.progress = Progress(job.progress.delivered, failures, job.progress.attempts)
         await self._finish(job, job.body)
 
@@ -380,6 +472,7 @@ class Dispatcher:
                     return
             await self._bounce(job, body)
         await self._store.remove(meta)
+        self._jobs.pop(meta.queue_id, None)
         self._drop_hot(job)
         self.completed += 1
 
@@ -404,7 +497,9 @@ class Dispatcher:
             original_headers=dsn.original_headers(body),
             message_id=f"{meta.queue_id}.dsn@{self._hostname}",
         )
-        bounce_env = Envelope("", (meta.envelope.mail_from,), smtputf8=meta.envelope.smtputf8)
+        bounce_env = Envelope(
+            "", (meta.envelope.mail_from,), smtputf8=meta.envelope.smtputf8, pool=meta.envelope.pool
+        )
         # Raises SpoolError: then the original stays spooled and is finished again later.
         bounce = await self._store.store(bounce_env, report, client="localhost")
         self.bounces += 1
@@ -416,3 +511,48 @@ class Dispatcher:
             bounce.queue_id,
         )
         self.enqueue(bounce, report)
+
+
+_FATE_STATUS = {Fate.DELIVERED: DELIVERED, Fate.FAIL: BOUNCED, Fate.DEFER: DEFERRED}
+
+
+def _outcome_events(
+    job: Job, upstream: Upstream, verdict: Verdict, wall: float
+) -> Iterator[DeliveryEvent]:
+    """One event per recipient this attempt settled or deferred (not-tried ones wait)."""
+    for fate, status in _FATE_STATUS.items():
+        for rcpt in verdict.having(fate):
+            reply = verdict.replies[rcpt]
+            qid = verdict.upstream_queue_id if fate is Fate.DELIVERED else ""
+            yield _event(
+                job, rcpt, status, upstream.name, reply.line, reply.effective_status, qid, wall
+            )
+
+
+def _event(
+    job: Job,
+    rcpt: str,
+    status: str,
+    upstream: str,
+    reply: str,
+    enhanced: str,
+    upstream_queue_id: str,
+    wall: float,
+) -> DeliveryEvent:
+    env = job.meta.envelope
+    return DeliveryEvent(
+        status=status,
+        queue_id=job.queue_id,
+        message_id=env.message_id,
+        sender=env.mail_from,
+        recipient=rcpt,
+        pool=env.pool,
+        upstream=upstream,
+        smtp_reply=reply,
+        enhanced_status=enhanced,
+        upstream_queue_id=upstream_queue_id,
+        received_at=job.meta.received_wall,
+        at=wall,
+        attempt=job.progress.attempts + 1,
+        headers=dict(env.tags),
+    )

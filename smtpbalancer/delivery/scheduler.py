@@ -5,6 +5,10 @@ the spool (a fresh job may carry its body while the hot-body budget allows).
 `next()` waits for the earliest due job without polling. Jobs that cannot go
 anywhere (no eligible upstream) are parked and released together by
 `unpark_all()` when an upstream recovers or a breaker's open period ends.
+
+A job is in at most one place: re-adding it (an operator's retry) or
+discarding it (hold, delete) makes its older heap entry stale, and stale
+entries are skipped when they surface, so nothing is searched or re-heaped.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class Job:
     rounds: int = 0  # completed retry rounds (each tried every eligible upstream once)
     avoid: set[str] = field(default_factory=set)  # upstreams that deferred it this round
     last_reply: dict[str, Reply] = field(default_factory=dict)  # latest deferral per rcpt
+    held: bool = False  # an operator held it: set aside when it comes due
+    entry: int = -1  # sequence number of its live heap entry (-1: not in the heap)
 
     @property
     def queue_id(self) -> str:
@@ -38,7 +44,7 @@ class Scheduler:
         self._clock = clock
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
-        self._parked: list[Job] = []
+        self._parked: dict[str, Job] = {}
         self._wakeup = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -52,18 +58,27 @@ class Scheduler:
         return len(self._parked)
 
     def add(self, job: Job, due: float | None = None) -> None:
+        """Schedule (or reschedule) a job; any earlier entry of it becomes stale."""
         when = self._clock.monotonic() if due is None else due
-        heapq.heappush(self._heap, (when, next(self._seq), job))
+        self._parked.pop(job.queue_id, None)
+        job.entry = next(self._seq)
+        heapq.heappush(self._heap, (when, job.entry, job))
         if self._heap[0][2] is job:
             self._wakeup.set()
 
     def park(self, job: Job) -> None:
-        self._parked.append(job)
+        job.entry = -1
+        self._parked[job.queue_id] = job
+
+    def discard(self, job: Job) -> None:
+        """Forget a waiting job (held or deleted by an operator)."""
+        job.entry = -1
+        self._parked.pop(job.queue_id, None)
 
     def unpark_all(self) -> None:
-        parked, self._parked = self._parked, []
+        parked, self._parked = self._parked, {}
         now = self._clock.monotonic()
-        for job in parked:
+        for job in parked.values():
             self.add(job, now)
 
     async def next(self) -> Job:
@@ -73,7 +88,11 @@ class Scheduler:
             if self._heap:
                 delay = self._heap[0][0] - self._clock.monotonic()
                 if delay <= 0:
-                    return heapq.heappop(self._heap)[2]
+                    _, entry, job = heapq.heappop(self._heap)
+                    if entry != job.entry:
+                        continue  # stale: rescheduled or discarded since
+                    job.entry = -1
+                    return job
                 try:
                     async with asyncio.timeout(delay):
                         await self._wakeup.wait()

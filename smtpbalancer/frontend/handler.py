@@ -13,18 +13,22 @@ overrun the spool. Above the tarpit threshold the final 250 is held back.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from smtpbalancer import replies
+from smtpbalancer import headers, metrics, replies
 from smtpbalancer.clock import Clock
-from smtpbalancer.envelope import Envelope
+from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolError
-from smtpbalancer.frontend import admission, hardening
+from smtpbalancer.frontend import admission, dedupe, hardening
 from smtpbalancer.frontend.admission import Limits, Pressure
 from smtpbalancer.frontend.auth import Authenticator, tls_active
+from smtpbalancer.frontend.dedupe import DedupeWindow
+from smtpbalancer.frontend.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,14 @@ class Handler:
         pressure: PressureSource,
         clock: Clock,
         auth: Authenticator | None = None,
+        router: Router | None = None,
+        dedupe: DedupeWindow | None = None,
+        copy_headers: tuple[str, ...] = (),
     ) -> None:
         self._auth = auth
+        self._router = router or Router((), DEFAULT_POOL)
+        self.dedupe = dedupe
+        self._copy_headers = copy_headers
         self._hostname = hostname
         self._limits = limits
         self._submitter = submitter
@@ -82,6 +92,8 @@ class Handler:
         # object (one per connection; aiosmtpd's Session is replaced on STARTTLS).
         self._reserved: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._tarpit_on = False
+        # (on, detail): the app turns these into incident events
+        self.on_backpressure: Callable[[bool, str], None] = lambda on, detail: None
 
     def __repr__(self) -> str:
         return (
@@ -89,10 +101,21 @@ class Handler:
             f" tarpit={'on' if self._tarpit_on else 'off'}>"
         )
 
-    def reconfigure(self, *, hostname: str, limits: Limits) -> None:
-        """A reload: the relay policy and limits apply from the next command on."""
+    def reconfigure(
+        self,
+        *,
+        hostname: str,
+        limits: Limits,
+        router: Router | None = None,
+        dedupe: DedupeWindow | None = None,
+        copy_headers: tuple[str, ...] = (),
+    ) -> None:
+        """A reload: the relay policy, limits and routes apply from the next command on."""
         self._hostname = hostname
         self._limits = limits
+        self._router = router or self._router
+        self.dedupe = dedupe
+        self._copy_headers = copy_headers
 
     def connection_closed(self, server: Any) -> None:
         """Called by the session when its connection is lost: drop its reservation."""
@@ -181,12 +204,30 @@ class Handler:
         mail_from = envelope.mail_from or ""
         if mail_from == "<>":
             mail_from = ""
+        rcpts = tuple(dict.fromkeys(envelope.rcpt_tos))  # RCPT twice = one recipient
+        user = self._auth.user(server) if self._auth is not None else None
+        decision = self._router.route(sender=mail_from, rcpts=rcpts, user=user, message=content)
+        if decision.strip_header is not None:
+            content = headers.remove(content, decision.strip_header)
+        message_id = ""
+        if self.dedupe is not None or self._copy_headers:
+            message_id = headers.first(content, "Message-ID") or ""
         env = Envelope(
             mail_from=mail_from,
-            rcpt_tos=tuple(dict.fromkeys(envelope.rcpt_tos)),  # RCPT twice = one recipient
+            rcpt_tos=rcpts,
             smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
+            pool=decision.pool,
+            message_id=message_id,
+            tags=tuple(headers.values(content, self._copy_headers).items()),
         )
+        keys: list[bytes] = []
+        if self.dedupe is not None and message_id:
+            env, keys, first_copy = self._without_repeats(env, content)
+            if first_copy is not None:
+                self._release(server)
+                log.info("smtp.duplicate client=%s queue_id=%s", client_ip, first_copy)
+                return replies.duplicate(first_copy)
         queue_id = self._submitter.next_queue_id()
         trace = self._received(server, session, client_ip, queue_id, env)
         try:
@@ -196,6 +237,8 @@ class Handler:
             return replies.SPOOL_WRITE_FAILED.line
         finally:
             self._release(server)  # after submit: the stored bytes now count instead
+        if self.dedupe is not None and keys:
+            self.dedupe.remember(keys, self._clock.monotonic(), queue_id)
         log.debug(
             "smtp.received queue_id=%s client=%s rcpts=%d size=%d",
             queue_id,
@@ -207,6 +250,29 @@ class Handler:
         if delay:
             await self._clock.sleep(delay)  # the message is durable; only the reply waits
         return replies.queued(queue_id)
+
+    def _without_repeats(
+        self, env: Envelope, content: bytes
+    ) -> tuple[Envelope, list[bytes], str | None]:
+        """Drop recipients this message was already accepted for inside the dedupe window.
+
+        Returns the envelope left, the keys to remember once it is durable, and, when no
+        recipient is left, the queue id the first copy was accepted under.
+        """
+        assert self.dedupe is not None
+        digest = dedupe.body_digest(content)
+        keys = [dedupe.recipient_key(env.message_id, r, digest) for r in env.rcpt_tos]
+        seen = self.dedupe.repeats(keys, self._clock.monotonic())
+        repeats = sum(1 for s in seen if s is not None)
+        if not repeats:
+            return env, keys, None
+        self.dedupe.suppressed += repeats
+        metrics.DUPLICATES_SUPPRESSED.inc(repeats)
+        if repeats == len(keys):
+            return env, [], next(s for s in seen if s is not None)
+        fresh = [(r, k) for r, k, s in zip(env.rcpt_tos, keys, seen, strict=True) if s is None]
+        env = dataclasses.replace(env, rcpt_tos=tuple(r for r, _ in fresh))
+        return env, [k for _, k in fresh], None
 
     def _tarpit(self) -> float:
         """The tarpit delay for this message; logs once when the tarpit engages or lifts."""
@@ -222,6 +288,7 @@ class Handler:
                 self._limits.tarpit_above_percent,
                 delay,
             )
+            self.on_backpressure(self._tarpit_on, f"spool usage {usage:.1f}%")
         return delay
 
     def _received(

@@ -191,9 +191,11 @@ class FrontEnd:
         clock: Clock,
         tls: ssl.SSLContext | None = None,
         auth: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self._tls = tls  # STARTTLS on the listener, and the implicit-TLS listener's context
         self._auth = auth  # offer AUTH PLAIN/LOGIN (only once encrypted)
+        self._reuse_port = reuse_port  # one of several workers sharing the port (workers.py)
         self._tls_server: asyncio.Server | None = None
         self.tls_address: tuple[str, int] | None = None
         self._config = config
@@ -253,7 +255,11 @@ class FrontEnd:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._protocol, host=self._config.host, port=self._config.port, backlog=1024
+            self._protocol,
+            host=self._config.host,
+            port=self._config.port,
+            backlog=1024,
+            reuse_port=self._reuse_port or None,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         await self._start_implicit_tls(loop)
@@ -269,6 +275,7 @@ class FrontEnd:
             host=host,
             port=port,
             backlog=1024,
+            reuse_port=self._reuse_port or None,
             ssl=self._tls,
             ssl_handshake_timeout=min(self._config.idle_timeout_s, 30.0),
         )

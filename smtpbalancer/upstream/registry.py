@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from smtpbalancer import metrics
 from smtpbalancer.clock import Clock
-from smtpbalancer.config import BreakerConfig, UpstreamConfig
+from smtpbalancer.config import BreakerConfig, PoolConfig, UpstreamConfig, fallback_pool
+from smtpbalancer.envelope import DEFAULT_POOL
 from smtpbalancer.errors import UpstreamError
 from smtpbalancer.replies import SendResult, Signal
 from smtpbalancer.tasks import spawn
@@ -26,7 +27,13 @@ from smtpbalancer.upstream.breaker import Breaker, BreakerPolicy, BreakerState, 
 from smtpbalancer.upstream.connection import Security, UpstreamConnection
 from smtpbalancer.upstream.pool import Pool
 from smtpbalancer.upstream.ratelimit import Aimd, RollingQuota, TokenBucket
-from smtpbalancer.upstream.selection import Candidate, Choice, SmoothWeighted, slow_start_weight
+from smtpbalancer.upstream.selection import (
+    Candidate,
+    Choice,
+    Outcome,
+    SmoothWeighted,
+    slow_start_weight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,7 @@ class Upstream:
             max_connections=config.max_connections,
             max_messages=config.max_messages_per_connection,
         )
+        metrics.UPSTREAM_INFO.labels(self.name, config.pool).set(1)
         metrics.set_breaker_state(self.name, BreakerState.CLOSED.value, _STATES)
         metrics.bind_upstream_gauges(
             self.name, lambda: float(self.pool.size), lambda: 1.0 if self.healthy else 0.0
@@ -139,6 +147,9 @@ class Upstream:
     ) -> None:
         """A reload kept this upstream: new weight and limits; breaker, pool and counters stay."""
         old, self.config = self.config, cfg
+        if cfg.pool != old.pool:
+            metrics.UPSTREAM_INFO.remove(self.name, old.pool)
+            metrics.UPSTREAM_INFO.labels(self.name, cfg.pool).set(1)
         if cfg.weight != old.weight:  # an operator's runtime weight stands until the file changes
             self.weight = cfg.weight
         self.breaker.retune(policy)
@@ -167,7 +178,7 @@ class Upstream:
     async def _close_and_forget(self, still_named: Callable[[str], bool]) -> None:
         await self.pool.close()
         if not still_named(self.name):
-            metrics.forget_upstream(self.name, _STATES)
+            metrics.forget_upstream(self.name, _STATES, self.config.pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +213,10 @@ class Registry:
         local_hostname: str,
         timeout_s: float,
         rng: random.Random | None = None,
+        pools: Sequence[PoolConfig] = (),
     ) -> None:
         self._clock = clock
+        self._set_pools(upstreams, pools)
         rand = self._rand = (rng or random.Random()).random
         self._by_name = {
             u.name: Upstream(
@@ -213,6 +226,8 @@ class Registry:
         }
         self._selection = SmoothWeighted()
         self.on_recovery: Callable[[], None] = lambda: None
+        # (upstream, new breaker state, reason): the app turns these into incident events
+        self.on_breaker: Callable[[Upstream, str, str], None] = lambda u, state, why: None
 
     def __repr__(self) -> str:
         return f"<Registry {' '.join(repr(u) for u in self._by_name.values())}>"
@@ -223,10 +238,24 @@ class Registry:
     def __iter__(self) -> Iterator[Upstream]:
         return iter(self._by_name.values())
 
-    def choose(self, now: float, avoid: frozenset[str]) -> Pick | Choice:
-        """An upstream for the next attempt (token and quota taken, breaker told), or why not."""
-        candidates = [u.candidate(now) for u in self._by_name.values()]
-        choice = self._selection.choose(candidates, now, avoid)
+    def _set_pools(self, upstreams: Sequence[UpstreamConfig], pools: Sequence[PoolConfig]) -> None:
+        names = list(dict.fromkeys(u.pool for u in upstreams))
+        self._pools = frozenset(names)
+        self._spill = {p.name: p.spill for p in pools if p.spill is not None}
+        self.fallback_pool = fallback_pool(names)
+
+    def pool_of(self, pool: str) -> str:
+        """The pool that serves mail spooled for `pool` (a removed pool's mail: the fallback)."""
+        return pool if pool in self._pools else self.fallback_pool
+
+    def choose(self, now: float, avoid: frozenset[str], pool: str = DEFAULT_POOL) -> Pick | Choice:
+        """An upstream of `pool` for the next attempt (token and quota taken, breaker told),
+        or why not. A pool with nothing eligible spills into its `spill` pool, if set."""
+        pool = self.pool_of(pool)
+        choice = self._choose_in(pool, now, avoid)
+        spill = self._spill.get(pool)
+        if choice.outcome is Outcome.NONE_ELIGIBLE and spill is not None:
+            choice = self._choose_in(spill, now, avoid)
         if not choice.name:
             return choice
         upstream = self._by_name[choice.name]
@@ -237,6 +266,10 @@ class Registry:
         ticket, change = upstream.breaker.begin(now)
         self._log(upstream, change)
         return Pick(upstream, ticket)
+
+    def _choose_in(self, pool: str, now: float, avoid: frozenset[str]) -> Choice:
+        candidates = [u.candidate(now) for u in self._by_name.values() if u.config.pool == pool]
+        return self._selection.choose(candidates, now, avoid)
 
     def next_opening(self, now: float) -> float | None:
         """The earliest future time a healthy upstream that cannot take mail now might.
@@ -311,6 +344,7 @@ class Registry:
         return [
             {
                 "name": u.name,
+                "pool": u.config.pool,
                 "address": u.config.endpoint,
                 "weight": u.weight,
                 "backup": u.config.backup,
@@ -361,6 +395,7 @@ class Registry:
         )
         if self._by_name.get(upstream.name) is upstream:  # not a retired one finishing work
             metrics.set_breaker_state(upstream.name, change.new.value, _STATES)
+            self.on_breaker(upstream, str(change.new), change.reason)
 
     def reconfigure(
         self,
@@ -369,6 +404,7 @@ class Registry:
         *,
         local_hostname: str,
         timeout_s: float,
+        pools: Sequence[PoolConfig] = (),
     ) -> Reconfigured:
         """A reload: build every new upstream first, then swap the map in one assignment.
 
@@ -405,6 +441,7 @@ class Registry:
             )
         retired = [u for name, u in current.items() if nxt.get(name) is not u]
         self._by_name = nxt  # readers see the old map or the new one, never a mix
+        self._set_pools(configs, pools)
         for upstream in retired:
             upstream.retire(lambda name: name in self._by_name)
         self.on_recovery()  # added or re-weighted upstreams may take parked mail now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 
 import smtpbalancer.metrics  # noqa: F401 (registers the smtpbalancer_* metrics)
+from smtpbalancer import admin_client
 from smtpbalancer.admin import AdminApp, AdminHooks, AdminServer, Readiness
+from smtpbalancer.config import MetricsConfig
 
 
 class Proxy:
@@ -22,11 +25,16 @@ class Proxy:
         self.drained: dict[str, bool] = {}
         self.weights: dict[str, int] = {}
         self.reloads = 0
+        self.queue_calls: list[tuple[str, tuple[str, ...]]] = []
 
     def hooks(self) -> AdminHooks:
         async def reload() -> str:
             self.reloads += 1
             return "generation=2 changed=upstream.a.weight"
+
+        async def queue(op: str, ids: tuple[str, ...]) -> dict[str, str]:
+            self.queue_calls.append((op, ids))
+            return {qid: "unknown" if qid.startswith("X") else f"{op}-done" for qid in ids}
 
         return AdminHooks(
             status=lambda: {"queue": {"messages": 3}},
@@ -34,6 +42,7 @@ class Proxy:
             drain=lambda name, on: name == "a" and self.drained.update({name: on}) is None,
             set_weight=lambda name, w: name == "a" and self.weights.update({name: w}) is None,
             reload=reload,
+            queue=queue,
         )
 
 
@@ -118,3 +127,37 @@ async def test_healthz_fails_when_the_event_loop_is_stuck(admin: tuple[Proxy, st
     time.sleep(1.3)  # noqa: ASYNC251 (blocking the loop is the point of this test)
     status, body = await pending
     assert status == 503 and "event loop" in body["error"]
+
+
+async def test_queue_operations_take_ids_and_report_each(admin: tuple[Proxy, str]) -> None:
+    proxy, base = admin
+    assert (await http(f"{base}/queue/hold?id=A1", "POST"))[0] == 401
+    assert await http(f"{base}/queue/hold?id=A1&id=X2", "POST", token="s3cret") == (
+        200,
+        {"op": "hold", "results": {"A1": "hold-done", "X2": "unknown"}},
+    )
+    assert (await http(f"{base}/queue/delete?id=X9", "POST", token="s3cret"))[0] == 404
+    assert (await http(f"{base}/queue/delete", "POST", token="s3cret"))[0] == 400
+    assert (await http(f"{base}/queue/delete?all=1", "POST", token="s3cret"))[0] == 400
+    assert (await http(f"{base}/queue/retry?all=1", "POST", token="s3cret"))[0] == 200
+    assert (await http(f"{base}/queue/purge?id=A1", "POST", token="s3cret"))[0] == 404
+    assert proxy.queue_calls == [("hold", ("A1", "X2")), ("delete", ("X9",)), ("retry", ())]
+
+
+async def test_the_cli_client_reaches_the_listener_with_the_token(
+    admin: tuple[Proxy, str],
+) -> None:
+    _, base = admin
+    port = int(base.rsplit(":", 1)[1])
+    cfg = MetricsConfig(host="0.0.0.0", port=port, admin_token="s3cret")  # the CLI dials loopback
+    status, doc = await asyncio.to_thread(admin_client.post, cfg, "/queue/release", [("id", "B")])
+    assert (status, doc) == (200, {"op": "release", "results": {"B": "release-done"}})
+    wrong = MetricsConfig(port=port, admin_token="nope")
+    assert (await asyncio.to_thread(admin_client.post, wrong, "/queue/release", [("id", "B")]))[
+        0
+    ] == 401
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = MetricsConfig(port=unused.getsockname()[1])
+    with pytest.raises(admin_client.AdminUnavailable):
+        await asyncio.to_thread(admin_client.post, closed, "/queue/retry", [("all", "1")])

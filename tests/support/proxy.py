@@ -19,11 +19,16 @@ Upstreams = (
 
 
 def config_mapping(
-    spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any]
+    spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any] | list[dict[str, Any]]
 ) -> dict[str, Any]:
     """A config as a TOML-shaped mapping: loopback, ephemeral ports, fast retries."""
     raw: dict[str, Any] = {
-        "server": {"listen": "127.0.0.1:0", "hostname": "proxy.test", "drain_timeout": "5s"},
+        "server": {
+            "listen": "127.0.0.1:0",
+            "hostname": "proxy.test",
+            "drain_timeout": "5s",
+            "workers": 1,  # one process unless a test is about workers
+        },
         "spool": {"directory": str(spool_dir), "min_free_disk": 0},
         "delivery": {"retry_initial": "200ms", "retry_max": "1s", "timeout": "5s"},
         "metrics": {"listen": ""},
@@ -35,11 +40,16 @@ def config_mapping(
         ],
     }
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
+        if isinstance(values, list):  # arrays of tables, e.g. route=[{...}, ...]
+            raw[section] = values
+        else:
+            raw.setdefault(section, {}).update(values)
     return raw
 
 
-def make_config(spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any]) -> Config:
+def make_config(
+    spool_dir: Path, upstreams: Upstreams, **sections: dict[str, Any] | list[dict[str, Any]]
+) -> Config:
     return config.from_mapping(config_mapping(spool_dir, upstreams, **sections))
 
 

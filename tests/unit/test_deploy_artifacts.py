@@ -115,11 +115,17 @@ def known_keys(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str]]:
 
     def recording_init(self: Any, raw: object, where: str, problems: list[str]) -> None:
         original(self, raw, where, problems)
-        self._raw = Recording(self._raw, where.split("[", 1)[0])
+        self._raw = Recording(self._raw, where.split("[", 1)[0].split(".", 1)[0])
 
     monkeypatch.setattr(config._Keys, "__init__", recording_init)
     minimal = {"upstream": [{"name": "a", "address": "127.0.0.1:25", "username": "u"}]}
-    for extra in ({}, {"server": {"proxy_protocol": True}}):
+    route = {"pool": "default", "header": {"name": "X", "value": "v"}, "keep_header": True}
+    for extra in (
+        {},
+        {"server": {"proxy_protocol": True}},
+        {"route": [{**route, "user": "u", "sender": "s", "recipient_domain": "d"}]},
+        {"pool": {"default": {"spill": "other"}}},
+    ):
         with contextlib.suppress(ConfigError):  # missing secrets: only the reads matter
             config.from_mapping({**minimal, **extra})
     monkeypatch.undo()
@@ -132,7 +138,7 @@ def documented_keys(text: str) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     section = ""
     for line in text.splitlines():
-        header = re.match(r"^\[\[?([a-z_]+)\]\]?\s*(#.*)?$", line)
+        header = re.match(r"^#?\s*\[\[?([a-z_]+)(\.[A-Za-z0-9_-]+)?\]\]?\s*(#.*)?$", line)
         if header:
             section = header.group(1)
             continue
