@@ -46,11 +46,11 @@ from rich.table import Table
 from smtpbalancer import admin_client, config
 from smtpbalancer.admin_client import AdminUnavailable
 from smtpbalancer.clock import SystemClock
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.envelope import valid_queue_id
 from smtpbalancer.errors import ConfigError, SpoolCorrupt, SpoolError
 from smtpbalancer.spool import recovery
 from smtpbalancer.spool.record import MessageMeta, Progress
-from smtpbalancer.spool.segment import fsync_dir
 from smtpbalancer.spool.sidecar import HOLD_SUFFIX
 from smtpbalancer.spool.store import LEGACY, SpoolStore, finish_durably
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from smtpbalancer import durable
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.events import record
 
 LOG_SUFFIX: Final = ".log"
@@ -38,20 +40,7 @@ def log_path(directory: Path, seq: int) -> Path:
 
 def sequences(directory: Path) -> list[int]:
     """Sequence numbers of the segment files in `directory`, in order."""
-    found = []
-    for name in os.listdir(directory):
-        stem, dot, ext = name.partition(".")
-        if dot and f".{ext}" == LOG_SUFFIX and stem.isascii() and stem.isdigit():
-            found.append(int(stem))
-    return sorted(found)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return durable.sequences(directory, LOG_SUFFIX)
 
 
 def make_dirs(directory: Path) -> None:

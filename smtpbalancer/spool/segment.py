@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from smtpbalancer import durable
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.envelope import valid_queue_id
 from smtpbalancer.errors import SpoolCorrupt
 from smtpbalancer.spool import record
@@ -60,20 +62,7 @@ def done_path(directory: Path, seq: int) -> Path:
 
 def sequences(directory: Path, suffix: str = LOG_SUFFIX) -> list[int]:
     """Sequence numbers of the segment files (or done files) in `directory`, in order."""
-    found = []
-    for name in os.listdir(directory):
-        stem, dot, ext = name.partition(".")
-        if dot and f".{ext}" == suffix and stem.isdigit() and stem.isascii():
-            found.append(int(stem))
-    return sorted(found)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return durable.sequences(directory, suffix)
 
 
 # --- done marks -----------------------------------------------------------------------

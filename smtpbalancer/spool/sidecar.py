@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.spool import record
 from smtpbalancer.spool.record import MessageMeta
-from smtpbalancer.spool.segment import fsync_dir
 from smtpbalancer.tasks import spawn
 
 STATE_SUFFIX: Final = ".state"

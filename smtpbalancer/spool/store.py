@@ -51,13 +51,13 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 from smtpbalancer.clock import Clock
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.envelope import Envelope, QueueIds
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.spool import record, segment
 from smtpbalancer.spool.batch import Batcher
 from smtpbalancer.spool.occupancy import Action, Occupancy
 from smtpbalancer.spool.record import MessageMeta, Progress
-from smtpbalancer.spool.segment import fsync_dir
 from smtpbalancer.spool.sidecar import (
     HOLD_SUFFIX,
     STATE_SUFFIX,

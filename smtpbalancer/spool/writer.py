@@ -34,6 +34,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from smtpbalancer.durable import fsync_dir
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.spool import segment
 
@@ -113,7 +114,7 @@ class SegmentWriter:
             except OSError as exc:
                 raise SpoolError("create segment", exc.errno) from None
             try:
-                segment.fsync_dir(self.directory)
+                fsync_dir(self.directory)
             except OSError as exc:
                 os.close(fd)
                 path.unlink(missing_ok=True)
