@@ -28,3 +28,19 @@ def sequences(directory: Path, suffix: str) -> list[int]:
         if dot and f".{ext}" == suffix and stem.isascii() and stem.isdigit():
             found.append(int(stem))
     return sorted(found)
+
+
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Up to `length` bytes at `offset` (fewer only at the end of the file)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)

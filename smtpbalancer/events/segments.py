@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final
 
 from smtpbalancer import durable
-from smtpbalancer.durable import fsync_dir
+from smtpbalancer.durable import fsync_dir, pread_all
 from smtpbalancer.events import record
 
 LOG_SUFFIX: Final = ".log"
@@ -139,7 +139,7 @@ def read(path: Path, start: int, end: int, limit: int, max_bytes: int) -> record
     want = min(end - start, max(max_bytes + 64, _MAX_LINE))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        buf = _pread_all(fd, want, start)
+        buf = pread_all(fd, want, start)
     finally:
         os.close(fd)
     parsed = record.parse(buf, limit=limit, max_bytes=max_bytes)
@@ -148,17 +148,6 @@ def read(path: Path, start: int, end: int, limit: int, max_bytes: int) -> record
         # an over-long damaged line (scan skipped it the same way): step over it.
         parsed.end, parsed.damaged = len(buf), 1
     return parsed
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts, got = [], 0
-    while got < length:
-        data = os.pread(fd, length - got, offset + got)
-        if not data:
-            break
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
 
 
 # --- appending --------------------------------------------------------------------------

@@ -219,7 +219,9 @@ class Handler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             pool=decision.pool,
             message_id=message_id,
-            tags=tuple(headers.values(content, self._copy_headers).items()),
+            tags=tuple(headers.values(content, self._copy_headers).items())
+            if self._copy_headers
+            else (),
         )
         keys: list[bytes] = []
         if self.dedupe is not None and message_id:

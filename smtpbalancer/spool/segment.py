@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 from smtpbalancer import durable
-from smtpbalancer.durable import fsync_dir
+from smtpbalancer.durable import fsync_dir, pread_all
 from smtpbalancer.envelope import valid_queue_id
 from smtpbalancer.errors import SpoolCorrupt
 from smtpbalancer.spool import record
@@ -163,22 +163,6 @@ class _Reader:
     def read(self, pos: int, n: int) -> bytes:
         buf, at = self.view(pos, n)
         return buf[at : at + n]
-
-
-def pread_all(fd: int, length: int, offset: int) -> bytes:
-    """Up to `length` bytes at `offset` (fewer only at the end of the file)."""
-    data = os.pread(fd, length, offset)
-    if len(data) == length or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 def scan(path: Path, seq: int, done: DoneMarks) -> SegmentScan:
