@@ -217,7 +217,7 @@ class UpstreamConnection:
                 return SendResult(refused=refused, final=_ALL_REFUSED, stage=stage)
             stage = "data"
             try:
-                response = await smtp.data(body)
+                response = await self._data(body)
             except aiosmtplib.SMTPDataError as exc:
                 self._check_421(exc.code, exc.message, stage)
                 await smtp.rset()
@@ -232,6 +232,31 @@ class UpstreamConnection:
             raise UpstreamError(self.name, stage, _describe(exc)) from None
         final = Reply.parse(response.code, response.message)
         return SendResult(refused=refused, final=final, queue_id=upstream_queue_id(final.text))
+
+    async def _data(self, body: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA, the body, the final dot. Spooled bodies are CRLF-clean already (the front
+        end normalised them), so only dots are doubled, by C-level replaces; aiosmtplib's
+        data() would run two regular expressions over every body (~1 ms for 50 KiB)."""
+        if not _crlf_clean(body):
+            return await self._smtp.data(body)
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        timeout = self._smtp.timeout
+        start = await protocol.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        stuffed = body.replace(b"\r\n.", b"\r\n..")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        if stuffed and not stuffed.endswith(b"\r\n"):
+            stuffed += b"\r\n"
+        # No await between the write and read_response: the reply cannot arrive unawaited.
+        protocol.write(stuffed + b".\r\n")
+        response = await protocol.read_response(timeout=timeout)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def _command(self, stage: str, *args: bytes) -> Reply:
         response = await self._smtp.execute_command(*args)
@@ -254,6 +279,12 @@ class UpstreamConnection:
                 await asyncio.wait_for(self._smtp.quit(), timeout=2.0)
         self._smtp.close()
         self.broken = True
+
+
+def _crlf_clean(body: bytes) -> bool:
+    """Every CR and LF in `body` is part of a CRLF pair (three C-level counts)."""
+    pairs = body.count(b"\r\n")
+    return body.count(b"\r") == pairs and body.count(b"\n") == pairs
 
 
 def _describe(exc: BaseException) -> str:

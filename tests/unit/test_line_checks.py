@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtpbalancer import config, replies
 from smtpbalancer.errors import ConfigError
+from smtpbalancer.frontend import hardening
 from smtpbalancer.frontend.hardening import clean_body, command_refusal
 
 
@@ -71,3 +76,17 @@ def test_a_text_line_may_carry_998_octets_after_its_doubled_dot_is_gone() -> Non
     assert clean_body(too_long)[1] is replies.TEXT_LINE_TOO_LONG
     first_line = b"y" * 999 + b"\r\n\r\nbody\r\n"
     assert clean_body(first_line)[1] is replies.TEXT_LINE_TOO_LONG
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1100), st.sampled_from([b"\r\n", b"\n", b"\r", b""])),
+        max_size=12,
+    )
+)
+def test_the_block_scan_for_long_lines_agrees_with_measuring_every_line(
+    parts: list[tuple[int, bytes]],
+) -> None:
+    content = b"".join(b"x" * n + end for n, end in parts)
+    longest = max((len(line) for line in re.split(rb"\r\n|\r|\n", content)), default=0)
+    assert hardening._has_overlong_line(content) == (longest > 998)
