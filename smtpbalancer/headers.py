@@ -54,12 +54,13 @@ def first(message: bytes, name: str) -> str | None:
 
 def values(message: bytes, names: tuple[str, ...]) -> dict[str, str]:
     """The first value of each of `names` present, keyed by the name as configured."""
-    by_lower = {n.lower(): n for n in names}
+    by_lower: dict[str, list[str]] = {}
+    for name in names:
+        by_lower.setdefault(name.lower(), []).append(name)
     found: dict[str, str] = {}
     for f in fields(message):
-        configured = by_lower.get(f.name.lower())
-        if configured is not None and configured not in found:
-            found[configured] = f.value
+        for configured in by_lower.get(f.name.lower(), ()):
+            found.setdefault(configured, f.value)
     return found
 
 

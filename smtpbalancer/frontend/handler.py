@@ -32,6 +32,8 @@ from smtpbalancer.frontend.routing import Router
 
 log = logging.getLogger(__name__)
 
+_MESSAGE_ID = "Message-ID"
+
 
 class Submitter(Protocol):
     def next_queue_id(self) -> str: ...
@@ -209,9 +211,10 @@ class Handler:
         decision = self._router.route(sender=mail_from, rcpts=rcpts, user=user, message=content)
         if decision.strip_header is not None:
             content = headers.remove(content, decision.strip_header)
-        message_id = ""
+        noted: dict[str, str] = {}  # for dedupe and events only: one pass over the header
         if self.dedupe is not None or self._copy_headers:
-            message_id = headers.first(content, "Message-ID") or ""
+            noted = headers.values(content, (_MESSAGE_ID, *self._copy_headers))
+        message_id = noted.get(_MESSAGE_ID, "")
         env = Envelope(
             mail_from=mail_from,
             rcpt_tos=rcpts,
@@ -219,9 +222,7 @@ class Handler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             pool=decision.pool,
             message_id=message_id,
-            tags=tuple(headers.values(content, self._copy_headers).items())
-            if self._copy_headers
-            else (),
+            tags=tuple((name, noted[name]) for name in self._copy_headers if name in noted),
         )
         keys: list[bytes] = []
         if self.dedupe is not None and message_id:

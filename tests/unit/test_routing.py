@@ -59,6 +59,7 @@ def test_header_values_are_read_case_insensitively_from_the_header_section_only(
     assert headers.first(MESSAGE, "X-Pool") == "transactional"
     assert headers.first(MESSAGE, "Message-ID") is None
     assert headers.values(MESSAGE, ("X-Campaign-ID", "X-Missing")) == {"X-Campaign-ID": "spring-42"}
+    assert headers.values(MESSAGE, ("Subject", "subject")) == {"Subject": "hi", "subject": "hi"}
 
 
 def test_dedupe_remembers_per_recipient_for_the_window_and_within_its_bound() -> None:
