@@ -48,10 +48,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"<Scheduler scheduled={len(self._heap)} parked={len(self._parked)}>"
-
-    def __len__(self) -> int:
-        return len(self._heap) + len(self._parked)
+        return f"<Scheduler heap_entries={len(self._heap)} parked={len(self._parked)}>"
 
     @property
     def parked(self) -> int:
