@@ -40,20 +40,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peers import free_port  # sibling modules: run as benchmarks/<script>.py
+from procstat import own_cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 SMTPB = [sys.executable, "-m", "smtpbalancer"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_cores() -> tuple[float, float]:
@@ -271,14 +263,14 @@ def run_row(bench: Bench, count: int, args: argparse.Namespace) -> dict[str, flo
         "haproxy": [bench.haproxy_pid] if count else [],
         "sinks": bench.sink_pids,
     }
-    cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
+    cpu0 = {role: sum(map(own_cpu_seconds, ps)) for role, ps in pids.items()}
     gen0, box0 = children_cpu(), busy_cores()
     t0 = time.perf_counter()
     accept_s, ok = generate(front, args.n, args.clients, args.size)
     gen, box = children_cpu() - gen0, busy_cores()
     bench.drained(instances, 200 + args.n)
     end_to_end_s = time.perf_counter() - t0
-    cpu = {role: sum(map(cpu_seconds, ps)) - cpu0[role] for role, ps in pids.items()}
+    cpu = {role: sum(map(own_cpu_seconds, ps)) - cpu0[role] for role, ps in pids.items()}
     for proc in bench.procs[first:]:
         stop(proc)
     ms = 1000 / ok

@@ -65,6 +65,12 @@ def tree(roots: Iterable[int]) -> list[int]:
     return out
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its children not counted); 0 once it is gone."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """utime + stime + cutime + cstime of these processes, in seconds."""
     ticks = 0

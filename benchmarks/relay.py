@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -22,19 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import aiosmtplib
+from peers import free_port  # sibling modules: run as benchmarks/<script>.py
+from procstat import own_cpu_seconds
 
 SMTPB = [sys.executable, "-m", "smtpbalancer", "--log-level", "WARNING"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def load(port: int, n: int, clients: int, size: int) -> float:
@@ -110,7 +99,7 @@ async def main(n: int, clients: int, size: int, sinks_count: int, spool_parent: 
             proxy = await start([*SMTPB, "--log-level", "INFO", "serve", "--config", str(cfg)],
                                 "smtpbalancer.ready")  # fmt: skip
             procs.append(proxy)
-            cpu0 = cpu_seconds(proxy.pid)
+            cpu0 = own_cpu_seconds(proxy.pid)
             t0 = time.perf_counter()
             accept = await load(smtp_port, n, clients, size)
             while not (
@@ -119,7 +108,7 @@ async def main(n: int, clients: int, size: int, sinks_count: int, spool_parent: 
             ):
                 await asyncio.sleep(0.05)
             end_to_end = time.perf_counter() - t0
-            cpu = cpu_seconds(proxy.pid) - cpu0
+            cpu = own_cpu_seconds(proxy.pid) - cpu0
         print(
             f"{n} messages of {size} B, {clients} clients (reused connections), {sinks_count} sinks"
         )
