@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 
 import pytest
+from support.raw import raw_server
 from support.waiting import wait_until
 
 from smtpbalancer.clock import SystemClock
@@ -56,34 +57,6 @@ async def checking(probes: Mapping[str, Probe], changes: Changes) -> AsyncIterat
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-@contextlib.asynccontextmanager
-async def raw_server(
-    handle: object,
-) -> AsyncIterator[tuple[str, int]]:
-    """A plain asyncio server on 127.0.0.1:0 running `handle(reader, writer)`; all closed after."""
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        try:
-            await handle(reader, writer)  # type: ignore[operator]
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            writers.discard(writer)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[:2]
-    finally:
-        server.close()
-        for writer in list(writers):
-            writer.close()
-        await server.wait_closed()
-        await wait_until(lambda: not writers, timeout=2)
 
 
 async def test_live_sink_stays_healthy(sinks: object) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+
+from support.waiting import wait_until
 
 
 class RawClient:
@@ -51,3 +54,31 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    handle: object,
+) -> AsyncIterator[tuple[str, int]]:
+    """A plain asyncio server on 127.0.0.1:0 running `handle(reader, writer)`; all closed after."""
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.add(writer)
+        try:
+            await handle(reader, writer)  # type: ignore[operator]
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            writers.discard(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        for writer in list(writers):
+            writer.close()
+        await server.wait_closed()
+        await wait_until(lambda: not writers, timeout=2)

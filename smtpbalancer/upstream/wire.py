@@ -1,0 +1,158 @@
+"""The SMTP client's wire: replies read from the socket, in order, however they arrive.
+
+An asyncio Protocol rather than a StreamReader, because the relay leg pipelines
+(RFC 2920): MAIL, every RCPT and DATA go out in one write, and their replies may
+come back in one segment or several. `replies(n)` waits, with one timer, until n
+complete replies are in and hands them out in order; replies that arrive before
+anyone asks are kept, never dropped. A reply is its code and its text lines joined
+by "\\n" (the continuation lines of a multi-line reply).
+
+A broken wire is a `WireError` with a short reason ("connection lost", "timed out
+after 30s", "malformed reply"): connection.py turns it into an UpstreamError with the
+stage it happened in. Nothing here knows SMTP commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Final
+
+# A reply line longer than this, or a reply of more lines, is not an SMTP server talking.
+MAX_REPLY_LINE: Final = 4096
+MAX_REPLY_LINES: Final = 256
+
+RawReply = tuple[int, str]
+
+
+class WireError(Exception):
+    """The session cannot go on: lost, timed out or spoke nonsense."""
+
+    def __init__(self, reason: str, pending: list[RawReply] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.pending = pending or []  # replies that did arrive (a 421 before the close)
+
+
+class ReplyReader(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._lines: list[str] = []  # the reply being read, until its last line
+        self._ready: deque[RawReply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self._broken: str | None = None
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            self._line(buffer[start:end])
+            start = end + 1
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_REPLY_LINE:
+            self._break("reply line too long")
+        waiter = self._waiter
+        if waiter is not None and len(self._ready) >= self._wanted and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._break("connection closed by the server")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._break("connection lost" if exc is None else f"connection lost: {exc}")
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # --- for connection.py ---------------------------------------------------------------
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def write(self, data: bytes) -> None:
+        if self._broken is not None or self.transport is None:
+            raise WireError(self._broken or "not connected")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is over its high-water mark (large bodies)."""
+        while self._paused and self._broken is None:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        if self._broken is not None:
+            raise WireError(self._broken)
+
+    async def replies(self, count: int, timeout_s: float) -> list[RawReply]:
+        """The next `count` replies, in order. Raises WireError."""
+        if len(self._ready) < count:
+            if self._broken is not None:
+                raise WireError(self._broken, self._take(len(self._ready)))
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            self._wanted = count
+            timer = loop.call_later(timeout_s, self._expire, waiter, timeout_s)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if len(self._ready) < count:
+                raise WireError(self._broken or "no reply", self._take(len(self._ready)))
+        return self._take(count)
+
+    def _take(self, count: int) -> list[RawReply]:
+        ready = self._ready
+        return [ready.popleft() for _ in range(count)]
+
+    # --- inside ---------------------------------------------------------------------------
+
+    def _line(self, raw: bytes) -> None:
+        if self._broken is not None:
+            return
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        code = raw[:3]
+        separator = raw[3:4]
+        if len(raw) > MAX_REPLY_LINE or not code.isdigit() or separator not in (b"", b" ", b"-"):
+            self._break("malformed reply")
+            return
+        self._lines.append(raw[4:].decode("utf-8", "surrogateescape"))
+        if separator == b"-":
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._break("reply has too many lines")
+            return
+        self._ready.append((int(code), "\n".join(self._lines)))
+        self._lines = []
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+            if self.transport is not None:
+                self.transport.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _expire(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        if not waiter.done():
+            self._break(f"timed out after {timeout_s:g}s")
