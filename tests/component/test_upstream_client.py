@@ -62,7 +62,7 @@ class ScriptedRelay:
                 continue  # RFC 2920: the group's replies may wait for DATA
             if not self.pipelining:
                 await asyncio.sleep(0.02)  # time for a pipelining client to send more
-                self.overlapped += len(reader._buffer) > 0
+                self.overlapped += len(getattr(reader, "_buffer", b"")) > 0  # peek: the test
             self.groups.append(group)
             await self._say(writer, pending)
             answered, group, pending = pending, [], b""
