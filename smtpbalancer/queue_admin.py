@@ -38,10 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Final
 
 from smtpbalancer import admin_client, config
 from smtpbalancer.admin_client import AdminUnavailable
@@ -53,6 +50,9 @@ from smtpbalancer.spool import recovery
 from smtpbalancer.spool.record import MessageMeta, Progress
 from smtpbalancer.spool.sidecar import HOLD_SUFFIX
 from smtpbalancer.spool.store import LEGACY, SpoolStore, finish_durably
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: `serve` never needs it
+    from rich.console import Console
 
 COMMANDS: Final = ("queue", "trace")
 AGE_BUCKETS: Final = ((300.0, "<5m"), (3600.0, "<1h"), (21600.0, "<6h"), (86400.0, "<1d"))
@@ -444,6 +444,8 @@ def summary(all_entries: list[Entry], now: float) -> dict[str, object]:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # Not a terminal (a pipe, a test): wide enough that queue ids and replies never fold.
     return Console() if sys.stdout.isatty() else Console(width=200, no_color=True)
 
@@ -460,6 +462,8 @@ def _emit(as_json: bool, doc: object, table: Callable[[], None] | None) -> None:
 
 
 def _list_table(rows: list[dict[str, object]]) -> None:
+    from rich.table import Table
+
     table = Table("queue id", "age", "size", "sender", "pending", "delivered", "failed", "state")
     for r in rows:
         age = r["age_s"]
@@ -479,6 +483,8 @@ def _list_table(rows: list[dict[str, object]]) -> None:
 
 
 def _summary_tables(doc: dict[str, object]) -> None:
+    from rich.table import Table
+
     console = _console()
     console.print(f"{doc['messages']} message(s), {doc['bytes']} bytes")
     for key, title in (
@@ -495,6 +501,8 @@ def _summary_tables(doc: dict[str, object]) -> None:
 
 
 def _detail_table(doc: dict[str, object]) -> None:
+    from rich.table import Table
+
     console = _console()
     head = Table(show_header=False)
     for key, value in doc.items():
