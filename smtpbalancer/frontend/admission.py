@@ -13,6 +13,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from smtpbalancer import replies
 from smtpbalancer.config import Network
@@ -42,6 +43,26 @@ class Pressure:
     min_free_disk_bytes: int  # the floor below which nothing is admitted
 
 
+class Room(Protocol):
+    """What on_mail reads: a Pressure snapshot, or the spool's live counters themselves
+    (read once each, so the hot path builds no snapshot per MAIL)."""
+
+    @property
+    def spool_bytes(self) -> int: ...
+
+    @property
+    def reserved_bytes(self) -> int: ...
+
+    @property
+    def max_spool_bytes(self) -> int: ...
+
+    @property
+    def free_disk_bytes(self) -> int: ...
+
+    @property
+    def min_free_disk_bytes(self) -> int: ...
+
+
 def client_ip(peer: object) -> str:
     """The client's address from a socket peer tuple (or a PROXY-protocol one), or "unknown".
 
@@ -68,21 +89,35 @@ def may_relay(client_ip: str, networks: Sequence[Network]) -> bool:
     return any(addr in net for net in networks)
 
 
-def on_mail_relay(limits: Limits, client_ip: str, authenticated: bool) -> Reply | None:
+def on_mail_relay(
+    limits: Limits, client_ip: str, authenticated: bool, *, allowed: bool | None = None
+) -> Reply | None:
     """Relay policy at MAIL: inside allow_networks, or authenticated, or 530 5.7.0.
 
     Without a users file there is no AUTH to ask for, so the refusal stays 554 5.7.1 at RCPT.
+    `allowed` is may_relay(client_ip, limits.allow_networks) when the caller has it already.
     """
-    if authenticated or not limits.auth_offered or may_relay(client_ip, limits.allow_networks):
+    if authenticated or not limits.auth_offered:
         return None
-    return replies.AUTH_REQUIRED  # RFC 4954 §6
+    if allowed is None:
+        allowed = may_relay(client_ip, limits.allow_networks)
+    return None if allowed else replies.AUTH_REQUIRED  # RFC 4954 §6
 
 
 def on_rcpt(
-    limits: Limits, client_ip: str, recipients_so_far: int, authenticated: bool = False
+    limits: Limits,
+    client_ip: str,
+    recipients_so_far: int,
+    authenticated: bool = False,
+    *,
+    allowed: bool | None = None,
 ) -> Reply | None:
-    if not authenticated and not may_relay(client_ip, limits.allow_networks):
-        return replies.RELAY_DENIED
+    """Relay policy and the recipient limit at RCPT; `allowed` as for on_mail_relay."""
+    if not authenticated:
+        if allowed is None:
+            allowed = may_relay(client_ip, limits.allow_networks)
+        if not allowed:
+            return replies.RELAY_DENIED
     if recipients_so_far >= limits.max_recipients:
         return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10: 452, the client sends the rest
     return None
@@ -97,7 +132,7 @@ def declared_size(mail_options: Sequence[str]) -> int:
     return 0
 
 
-def on_mail(pressure: Pressure, declared: int) -> Reply | None:
+def on_mail(pressure: Room, declared: int) -> Reply | None:
     """Refuse a transaction the spool has no room for (Postfix queue_minfree, RFC 1870 §6.1)."""
     if pressure.free_disk_bytes < pressure.min_free_disk_bytes:
         return replies.STORAGE_LOW

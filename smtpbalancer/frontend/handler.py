@@ -25,7 +25,7 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolError
 from smtpbalancer.frontend import admission, dedupe, hardening
-from smtpbalancer.frontend.admission import Limits, Pressure
+from smtpbalancer.frontend.admission import Limits
 from smtpbalancer.frontend.auth import Authenticator, tls_active
 from smtpbalancer.frontend.dedupe import DedupeWindow
 from smtpbalancer.frontend.routing import Router
@@ -33,6 +33,7 @@ from smtpbalancer.frontend.routing import Router
 log = logging.getLogger(__name__)
 
 _MESSAGE_ID = "Message-ID"
+_MEMO_LIMIT = 4096  # entries per memo below; a full memo is emptied (peers and names are bounded)
 
 
 class Submitter(Protocol):
@@ -94,6 +95,12 @@ class Handler:
         # object (one per connection; aiosmtpd's Session is replaced on STARTTLS).
         self._reserved: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._tarpit_on = False
+        # Memos for per-message work whose input rarely changes: the relay decision per
+        # client address (emptied on reload), the Received: name per EHLO name, and the
+        # Received: date per wall-clock second.
+        self._relay_ok: dict[str, bool] = {}
+        self._trace_names: dict[str, str] = {}
+        self._date: tuple[int, str] = (-1, "")
         # (on, detail): the app turns these into incident events
         self.on_backpressure: Callable[[bool, str], None] = lambda on, detail: None
 
@@ -115,6 +122,7 @@ class Handler:
         """A reload: the relay policy, limits and routes apply from the next command on."""
         self._hostname = hostname
         self._limits = limits
+        self._relay_ok = {}  # allow_networks may have changed
         self._router = router or self._router
         self.dedupe = dedupe
         self._copy_headers = copy_headers
@@ -124,19 +132,21 @@ class Handler:
         self._release(server)
 
     def _release(self, server: Any) -> None:
+        if not self._reserved:  # the usual case (no SIZE=): skip building a weak reference
+            return
         size = self._reserved.pop(server, 0)
         if size:
             self._pressure.release(size)
 
-    def _snapshot(self) -> Pressure:
-        p = self._pressure
-        return Pressure(
-            spool_bytes=p.spool_bytes,
-            reserved_bytes=p.reserved_bytes,
-            max_spool_bytes=p.max_spool_bytes,
-            free_disk_bytes=p.free_disk_bytes,
-            min_free_disk_bytes=p.min_free_disk_bytes,
-        )
+    def _may_relay(self, client_ip: str) -> bool:
+        """admission.may_relay against allow_networks, memoised per client address."""
+        allowed = self._relay_ok.get(client_ip)
+        if allowed is None:
+            allowed = admission.may_relay(client_ip, self._limits.allow_networks)
+            if len(self._relay_ok) >= _MEMO_LIMIT:
+                self._relay_ok.clear()
+            self._relay_ok[client_ip] = allowed
+        return allowed
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -153,13 +163,19 @@ class Handler:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
         client_ip = admission.session_ip(session)
-        refusal = admission.on_mail_relay(self._limits, client_ip, self._authenticated(server))
+        limits = self._limits
+        refusal = admission.on_mail_relay(
+            limits,
+            client_ip,
+            self._authenticated(server),
+            allowed=self._may_relay(client_ip) if limits.auth_offered else None,
+        )
         if refusal is not None:
             log.warning("smtp.auth_required client=%s", client_ip)
             return refusal.line
         self._release(server)  # left over from a transaction aborted without RSET (e.g. 552)
         size = admission.declared_size(options)
-        refusal = admission.on_mail(self._snapshot(), size)
+        refusal = admission.on_mail(self._pressure, size)
         if refusal is not None:
             log.debug("smtp.storage_low client=%s declared=%d %r", client_ip, size, self._pressure)
             return refusal.line
@@ -180,8 +196,13 @@ class Handler:
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
         client_ip = admission.session_ip(session)
+        authenticated = self._authenticated(server)
         refusal = admission.on_rcpt(
-            self._limits, client_ip, len(envelope.rcpt_tos), self._authenticated(server)
+            self._limits,
+            client_ip,
+            len(envelope.rcpt_tos),
+            authenticated,
+            allowed=None if authenticated else self._may_relay(client_ip),
         )
         if refusal is not None:
             if refusal is replies.RELAY_DENIED:
@@ -222,7 +243,9 @@ class Handler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             pool=decision.pool,
             message_id=message_id,
-            tags=tuple((name, noted[name]) for name in self._copy_headers if name in noted),
+            tags=tuple((name, noted[name]) for name in self._copy_headers if name in noted)
+            if noted
+            else (),
         )
         keys: list[bytes] = []
         if self.dedupe is not None and message_id:
@@ -298,14 +321,14 @@ class Handler:
         self, server: Any, session: Any, client_ip: str, queue_id: str, env: Envelope
     ) -> bytes:
         """RFC 5321 §4.4 trace header; the EHLO name is sanitised (invariant 7)."""
-        helo = admission.trace_name(session.host_name)
+        helo = self._trace_name(session.host_name)
         protocol = admission.trace_protocol(
             extended=bool(session.extended_smtp),
             smtputf8=env.smtputf8,
             tls=tls_active(server),
             authenticated=self._authenticated(server),
         )
-        date = email.utils.formatdate(self._clock.wall(), usegmt=True)
+        date = self._date_header(self._clock.wall())
         for_clause = ""
         if len(env.rcpt_tos) == 1:
             for_clause = f"\r\n\tfor <{env.rcpt_tos[0]}>"
@@ -314,6 +337,24 @@ class Handler:
             f" with {protocol} id {queue_id}{for_clause}; {date}\r\n"
         )
         return text.encode("utf-8", "surrogateescape")
+
+    def _trace_name(self, helo: str | None) -> str:
+        if helo is None:
+            return admission.trace_name(helo)
+        name = self._trace_names.get(helo)
+        if name is None:
+            name = admission.trace_name(helo)
+            if len(self._trace_names) >= _MEMO_LIMIT:
+                self._trace_names.clear()
+            self._trace_names[helo] = name
+        return name
+
+    def _date_header(self, wall: float) -> str:
+        """RFC 5322 date of `wall`, formatted once per second (it shows whole seconds)."""
+        second = int(wall)
+        if self._date[0] != second:
+            self._date = (second, email.utils.formatdate(second, usegmt=True))
+        return self._date[1]
 
     def _authenticated(self, server: Any) -> bool:
         return self._auth is not None and self._auth.user(server) is not None

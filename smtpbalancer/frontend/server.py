@@ -30,13 +30,14 @@ from aiosmtpd.smtp import SMTP
 from smtpbalancer import replies
 from smtpbalancer.clock import Clock
 from smtpbalancer.config import ServerConfig
-from smtpbalancer.frontend import admission
+from smtpbalancer.frontend import admission, commands
 from smtpbalancer.frontend.auth import tls_active
 from smtpbalancer.frontend.guard import Guard, count_rejection, say_and_close
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.replies import Reply
 
 log = logging.getLogger(__name__)
+_mail_log = logging.getLogger("mail.log")  # aiosmtpd's logger: its MAIL/RCPT info lines
 
 _HAS_STATUS = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _DEFAULT_STATUS = {
@@ -52,19 +53,14 @@ _OVERRIDES = {
 }
 _CACHE_LIMIT = 4096
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-# The common case, <dot-atom@host.name> and parameters: parsed without aiosmtpd's
-# email header parser, which costs about a fifth of the proxy's CPU per message.
-_SIMPLE_ADDRESS = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(.*)\Z", re.S
-)
-
 
 def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 (memo)
     """Insert the RFC 3463 status that goes with a bare reply code (cached: replies repeat)."""
     done = cache.get(line)
     if done is not None:
         return done
+    if _HAS_STATUS.match(line):  # e.g. "250 2.0.0 Ok: queued as <id>": unique, so not cached
+        return line
     out = _OVERRIDES.get(line, line)
     if out is line and len(line) >= 3 and line[:3].isdigit() and not _HAS_STATUS.match(line):
         code = int(line[:3])
@@ -115,23 +111,69 @@ class _Session(Guard):
         self._handler.connection_closed(self)
         super().connection_lost(error)
 
-    async def push(self, status: Any) -> None:
-        if (
-            isinstance(status, str)
-            and not self._plain_push
-            and status[:1] in "245"
-            and not status.startswith("220")
-        ):
+    def reply_line(self, status: str) -> str:
+        if not self._plain_push and status[:1] in "245" and not status.startswith("220"):
             status = with_enhanced_status(status)
             count_rejection(status)
-        await super().push(status)
+        return status
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        found = _SIMPLE_ADDRESS.match(arg) if arg else None
+        found = commands.SIMPLE_ADDRESS.match(arg) if arg else None
         if found is not None:
             return found.group(1), found.group(2)
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
+
+    def _plain_command_allowed(self) -> bool:
+        """The session state in which aiosmtpd's MAIL and RCPT go on to parse the line."""
+        session = self.session
+        return (
+            session is not None
+            and bool(session.host_name)
+            and not self._auth_required
+            and self.envelope is not None
+        )
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd's MAIL for the common line, with the same replies and envelope changes
+        # (commands.py says which lines); any other line or state goes to aiosmtpd.
+        parsed = None
+        if self._plain_command_allowed() and not self._decode_data:
+            assert self.session is not None and self.envelope is not None
+            if not self.envelope.mail_from:  # else aiosmtpd: 503 nested MAIL
+                parsed = commands.simple_mail(
+                    arg,
+                    extended=bool(self.session.extended_smtp),
+                    size_limit=self.data_size_limit,
+                    smtputf8_enabled=self.enable_SMTPUTF8,
+                )
+        if parsed is None:
+            await super().smtp_MAIL(arg)
+            return
+        address, options, smtputf8 = parsed
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        envelope.smtp_utf8 = smtputf8
+        status = await self._handler.handle_MAIL(self, session, envelope, address, options)
+        if _mail_log.isEnabledFor(logging.INFO):
+            _mail_log.info("%r sender: %s", session.peer, address)
+        await self.push(status)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        address = None
+        if self._plain_command_allowed():
+            assert self.envelope is not None
+            if self.envelope.mail_from:  # else aiosmtpd: 503 need MAIL
+                address = commands.simple_rcpt(arg)
+        if address is None:
+            await super().smtp_RCPT(arg)
+            return
+        session, envelope = self.session, self.envelope
+        assert session is not None
+        status = await self._handler.handle_RCPT(self, session, envelope, address, [])
+        if _mail_log.isEnabledFor(logging.INFO):
+            _mail_log.info("%r recip: %s", session.peer, address)
+        await self.push(status)
 
     async def smtp_EHLO(self, arg: str) -> None:
         await self._without_enhanced_status(super().smtp_EHLO(arg))
@@ -342,5 +384,5 @@ class FrontEnd:
 
 
 # Our overrides must keep aiosmtpd's per-command metadata (HELP text, syntax).
-for _name in ("smtp_EHLO", "smtp_HELO", "smtp_DATA", "smtp_STARTTLS"):
+for _name in ("smtp_EHLO", "smtp_HELO", "smtp_MAIL", "smtp_RCPT", "smtp_DATA", "smtp_STARTTLS"):
     getattr(_Session, _name).__dict__.update(getattr(SMTP, _name).__dict__)
