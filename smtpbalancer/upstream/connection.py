@@ -281,6 +281,8 @@ class UpstreamConnection:
     async def _round_trip(self, commands: list[bytes]) -> list[RawReply]:
         """RFC 2920: the whole group in one write; the server answers every command."""
         wire = self._live_wire("mail")
+        if wire.unread:  # said something while idle: its replies can no longer be matched
+            raise self._broken("mail", "unexpected reply between transactions")
         try:
             wire.write(b"".join(commands))
             answers = await wire.replies(len(commands), self._timeout_s)
@@ -293,6 +295,8 @@ class UpstreamConnection:
 
     async def _one_by_one(self, commands: list[bytes]) -> list[RawReply]:
         """Without PIPELINING: stop after a refused MAIL, and before DATA if no RCPT passed."""
+        if self._live_wire("mail").unread:
+            raise self._broken("mail", "unexpected reply between transactions")
         answers: list[RawReply] = []
         last_rcpt = len(commands) - 2
         for index, command in enumerate(commands):

@@ -90,6 +90,11 @@ class ReplyReader(asyncio.Protocol):
     def broken(self) -> bool:
         return self._broken is not None
 
+    @property
+    def unread(self) -> int:
+        """Replies that arrived and nobody asked for yet."""
+        return len(self._ready)
+
     def write(self, data: bytes) -> None:
         if self._broken is not None or self.transport is None:
             raise WireError(self._broken or "not connected")

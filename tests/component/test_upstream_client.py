@@ -216,3 +216,21 @@ async def test_a_relay_that_never_answers_the_group_times_out() -> None:
     assert caught.value.stage == "mail"
     assert "timed out" in caught.value.reason
     assert not conn.usable
+
+
+async def test_a_reply_nobody_asked_for_retires_the_session_before_the_next_transaction() -> None:
+    # A relay that talks between transactions would shift every later reply by one.
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 chatty.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-chatty.test\r\n250 PIPELINING\r\n250 2.0.0 unsolicited\r\n")
+        await reader.read()
+
+    async with raw_server(chatty) as address:
+        conn = connection(address)
+        await conn.open()
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamError) as caught:
+            await conn.send("a@s.test", ["b@r.test"], BODY)
+    assert (caught.value.stage, caught.value.code) == ("mail", None)
+    assert "unexpected reply" in caught.value.reason
