@@ -20,6 +20,15 @@ formatter parses the *formatted* message instead of every call site changing:
 Field names that would shadow these get a trailing underscore (`level_`).
 Nothing here decides *what* is logged: bodies and AUTH data never reach a log
 call in the first place (see frontend/auth.py).
+
+Cost (one INFO line per delivered message, on the event loop): a format string
+made only of `key=%s`-style words is compiled once into a template, and a
+record whose values are single words takes its fields straight from its args
+instead of re-parsing the formatted text; anything else (quoted or spaced
+values, arrows, prose) goes through `parse_message`, and both give the same
+fields. The timestamp's date and time are formatted once per second.
+`configure` turns off what no format here prints: caller lookup, thread and
+process names.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import json
 import logging
 import re
 import sys
-from datetime import UTC, datetime
+import time
 from typing import Final
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -118,15 +127,85 @@ def _scalar(word: str) -> Scalar:
     return word
 
 
+# A template word: `key=` and a value with at most one %-conversion and no space.
+_TEMPLATE_WORD = re.compile(
+    r"([A-Za-z_][A-Za-z0-9_]*)=([^ %]*(?:%[-+#0]?\d*(?:\.\d+)?[sdfr][^ %]*)?)"
+)
+_TEMPLATES_MAX: Final = 1024  # format strings are code constants; this only bounds a misuse
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+
+# (field name, value format, whether it takes an arg) per key=value word of a format string
+_Part = tuple[str, str, bool]
+
+
+class _Template:
+    """A format string made only of key=value words, compiled once (see the module docstring)."""
+
+    __slots__ = ("event", "nargs", "parts")
+
+    def __init__(self, event: str, parts: tuple[_Part, ...]) -> None:
+        self.event = event
+        self.parts = parts
+        self.nargs = sum(takes for _, _, takes in parts)
+
+    @classmethod
+    def compile(cls, msg: str) -> _Template | None:
+        head, _, rest = msg.partition(" ")
+        if _EVENT.fullmatch(head) is None or (not rest and "." not in head):
+            return None
+        parts: list[_Part] = []
+        for word in rest.split(" ") if rest else ():
+            found = _TEMPLATE_WORD.fullmatch(word)
+            if found is None:
+                return None  # prose, an arrow, a double space: the general parser
+            name, fmt = found.groups()
+            parts.append((f"{name}_" if name in _RESERVED else name, fmt, "%" in fmt))
+        return cls(head, tuple(parts))
+
+    def fields(self, args: tuple[object, ...]) -> dict[str, Scalar] | None:
+        """What `parse_message` would make of the formatted message, or None when a value
+        is not one plain word (then the caller parses the text)."""
+        if len(args) != self.nargs:
+            return None
+        fields: dict[str, Scalar] = {}
+        i = 0
+        for name, fmt, takes in self.parts:
+            if not takes:
+                word = fmt
+            else:
+                arg = args[i]
+                i += 1
+                if fmt == "%r":  # a repr of a str is a quoted literal that unquotes to it
+                    if type(arg) is not str:
+                        return None
+                    fields[name] = arg
+                    continue
+                if fmt == "%d" and type(arg) is int:
+                    fields[name] = arg
+                    continue
+                try:
+                    word = fmt % (arg,)
+                except (TypeError, ValueError):
+                    return None
+            if word[:1] in ("'", '"') or " " in word or not word.isprintable():
+                return None
+            fields[name] = _scalar(word) if word else word
+        return fields
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (see the module docstring)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._templates: dict[str, _Template | None] = {}
+        self._second: tuple[int, str] = (-1, "")  # a whole second and its RFC 3339 text
+
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        event, fields = parse_message(text)
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        event, fields = self._parse(record, text)
         doc: dict[str, object] = {
-            "ts": ts.replace("+00:00", "Z"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "event": event,
@@ -140,7 +219,32 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        return _ENCODER.encode(doc)
+
+    def _parse(self, record: logging.LogRecord, text: str) -> tuple[str | None, dict[str, Scalar]]:
+        msg, args = record.msg, record.args
+        if type(msg) is str and type(args) is tuple and args:
+            try:
+                template = self._templates[msg]
+            except KeyError:
+                template = _Template.compile(msg)
+                if len(self._templates) < _TEMPLATES_MAX:
+                    self._templates[msg] = template
+            if template is not None:
+                fields = template.fields(args)
+                if fields is not None:
+                    return template.event, fields
+        return parse_message(text)
+
+    def _timestamp(self, created: float) -> str:
+        """RFC 3339 in UTC with milliseconds (truncated, like datetime.isoformat)."""
+        micros = round(created * 1_000_000)
+        second, micros = divmod(micros, 1_000_000)
+        cached, head = self._second
+        if second != cached:
+            head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, head)
+        return f"{head}.{micros // 1000:03d}Z"
 
 
 def configure(level: str, fmt: str) -> None:
@@ -153,3 +257,9 @@ def configure(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's protocol log
+    # Neither format prints the caller, thread or process, and every record would pay for
+    # looking them up (logging HOWTO, "Optimization"): a stack walk and three lookups.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
