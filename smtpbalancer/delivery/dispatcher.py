@@ -11,8 +11,11 @@ applies the per-recipient verdict:
 - no eligible upstream at all -> park until a breaker lets traffic through.
 Concurrency is bounded by a semaphore (sum of upstream connection limits); a reload
 resizes it (`reconfigure`).
-Fresh bodies are kept in memory up to a byte budget; everything else is read
-back from the spool, so the queue in memory is an index, never the bodies.
+Fresh bodies (with their envelopes) are kept in memory up to a byte budget;
+everything else is read back from the spool, envelope and body in one read, when
+its attempt starts, so the queue in memory is an index, never the bodies nor the
+envelopes. A job goes cold (both dropped) whenever it stops waiting for an
+upstream right away: parked, backing off, held.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.delivery import dsn
 from smtpbalancer.delivery.outcome import Fate, Verdict, classify, merge, not_tried
 from smtpbalancer.delivery.retry import RetryPolicy
-from smtpbalancer.delivery.scheduler import Job, Scheduler
+from smtpbalancer.delivery.scheduler import NO_AVOID, Job, Scheduler
 from smtpbalancer.envelope import Envelope
 from smtpbalancer.errors import SpoolCorrupt, SpoolError, UpstreamError
 from smtpbalancer.events.event import BOUNCED, DEFERRED, DELIVERED, EXPIRED, DeliveryEvent
 from smtpbalancer.events.log import EventLog
 from smtpbalancer.metrics import MESSAGES_BOUNCED
 from smtpbalancer.replies import SendResult, Signal
-from smtpbalancer.spool.record import Failure, MessageMeta, Progress
+from smtpbalancer.spool.record import NO_PROGRESS, Failure, MessageMeta, Progress
 from smtpbalancer.spool.store import SpoolStore
 from smtpbalancer.tasks import cancel_and_wait, spawn
 from smtpbalancer.upstream.registry import Pick, Registry, Upstream
@@ -97,16 +100,20 @@ class Dispatcher:
     def enqueue(
         self, meta: MessageMeta, body: bytes | None, progress: Progress | None = None
     ) -> None:
-        job = Job(meta, progress or Progress())
+        progress = progress or NO_PROGRESS
+        job = Job(meta, progress)
         self._jobs[meta.queue_id] = job
         if body is not None and self._hot_bytes + len(body) <= HOT_BODY_BUDGET:
             job.body = body
             self._hot_bytes += len(body)
+        elif progress is NO_PROGRESS or progress.pending(meta.envelope.rcpt_tos):
+            job.meta = None  # cold; one with nothing pending keeps it for _dispatch to finish
         self._scheduler.add(job)
 
     def adopt_held(self, meta: MessageMeta, progress: Progress) -> None:
         """A message recovered with an operator's hold: known, but not scheduled."""
-        self._jobs[meta.queue_id] = Job(meta, progress, held=True)
+        job = self._jobs[meta.queue_id] = Job(meta, progress, held=True)
+        job.meta = None
 
     # --- operator actions (the admin endpoint; see queue_admin) -------------------
 
@@ -169,7 +176,7 @@ class Dispatcher:
             elif job.queue_id in self._running:
                 results[job.queue_id] = "busy"
             else:
-                job.avoid.clear()
+                job.avoid = NO_AVOID
                 self._scheduler.add(job)
                 results[job.queue_id] = "scheduled"
         return results
@@ -232,15 +239,15 @@ class Dispatcher:
 
     def _dispatch(self, job: Job) -> float | None:
         """Send the job on its way; or return how long to wait for a rate token."""
-        meta = job.meta
-        if not job.progress.pending(meta.envelope.rcpt_tos):
-            self._start(job, self._finish(job, job.body))
+        meta = job.meta  # a cold job (None) has recipients pending: see enqueue
+        if meta is not None and not job.progress.pending(meta.envelope.rcpt_tos):
+            self._start(job, self._finish(job, meta, job.body))
             return None
-        if self._policy.expired(self._clock.wall() - meta.received_wall):
+        if self._policy.expired(self._clock.wall() - job.received_wall):
             self._start(job, self._expire(job))
             return None
         now = self._clock.monotonic()
-        choice = self._registry.choose(now, frozenset(job.avoid), meta.envelope.pool)
+        choice = self._registry.choose(now, job.avoid, job.pool)
         if isinstance(choice, Pick):
             self._start(job, self._attempt(job, choice))
             return None
@@ -271,7 +278,7 @@ class Dispatcher:
             delay,
             ",".join(sorted(job.avoid)),
         )
-        job.avoid.clear()
+        job.avoid = NO_AVOID
         self._scheduler.add(job, now + delay)
 
     def _arm_opening_timer(self) -> None:
@@ -295,9 +302,12 @@ class Dispatcher:
             self._scheduler.unpark_all()
 
     def _drop_hot(self, job: Job) -> None:
+        """Make a job cold: its body and envelope are read back when it next runs."""
         if job.body is not None:
             self._hot_bytes -= len(job.body)
             job.body = None
+        if job.meta is not None and job.progress.pending(job.meta.envelope.rcpt_tos):
+            job.meta = None
 
     # --- actions (asynchronous) ------------------------------------------------
 
@@ -319,20 +329,21 @@ class Dispatcher:
             self._running.discard(job.queue_id)
             self._release_slot()
 
-    async def _body(self, job: Job) -> bytes | None:
-        if job.body is not None:
-            return job.body
+    async def _load(self, job: Job) -> tuple[MessageMeta, bytes] | None:
+        """The job's envelope and body: in memory while hot, else read from the spool."""
+        if job.body is not None and job.meta is not None:
+            return job.meta, job.body
         try:
-            return await self._store.load_body(job.meta)
+            return await self._store.load(job.queue_id)
         except SpoolCorrupt as exc:
             self._jobs.pop(job.queue_id, None)
-            await self._store.quarantine(job.meta, exc.why)
+            await self._store.quarantine_id(job.queue_id, exc.why)
             return None
         except FileNotFoundError:
             # Removed behind our back (an operator): nothing left to deliver or retry.
             log.error("spool.missing queue_id=%s action=forget", job.queue_id)
             self._jobs.pop(job.queue_id, None)
-            self._store.forget(job.meta)
+            self._store.forget(job.queue_id)
             return None
 
     async def _attempt(self, job: Job, pick: Pick) -> None:
@@ -345,11 +356,12 @@ class Dispatcher:
 
     async def _send(self, job: Job, pick: Pick) -> bool:
         """Relay one message; True once the upstream's verdict was recorded."""
-        body = await self._body(job)
-        if body is None:
+        loaded = await self._load(job)
+        if loaded is None:
             return False
+        meta, body = loaded
         upstream = pick.upstream
-        env = job.meta.envelope
+        env = meta.envelope
         pending = job.progress.pending(env.rcpt_tos)
         self.attempts += 1
         started = self._clock.monotonic()
@@ -371,7 +383,7 @@ class Dispatcher:
                 result = exc
             verdicts.append(classify(result, chunk))
         upstream.metrics.seconds.observe(self._clock.monotonic() - started)
-        verdict = merge(verdicts)
+        verdict = verdicts[0] if len(verdicts) == 1 else merge(verdicts)
         if verdict.signal is Signal.SUCCESS:
             upstream.metrics.attempt_ok.inc()
         else:
@@ -379,13 +391,18 @@ class Dispatcher:
         self._registry.record(pick, verdict.signal, verdict.reason)
         if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
             self._arm_opening_timer()
-        await self._settle(job, upstream, verdict, body)
+        await self._settle(job, upstream, verdict, meta, body)
         return True
 
-    async def _settle(self, job: Job, upstream: Upstream, verdict: Verdict, body: bytes) -> None:
-        delivered = verdict.having(Fate.DELIVERED)
-        failed = verdict.having(Fate.FAIL)
-        deferred = verdict.having(Fate.DEFER)
+    async def _settle(
+        self, job: Job, upstream: Upstream, verdict: Verdict, meta: MessageMeta, body: bytes
+    ) -> None:
+        delivered: list[str] = []
+        failed: list[str] = []
+        deferred: list[str] = []
+        by_fate = {Fate.DELIVERED: delivered, Fate.FAIL: failed, Fate.DEFER: deferred}
+        for rcpt, fate in verdict.fates.items():
+            by_fate[fate].append(rcpt)
         wall = self._clock.wall()
         if delivered:
             upstream.metrics.delivered.inc()
@@ -397,20 +414,19 @@ class Dispatcher:
                 verdict.upstream_queue_id,
             )
         old = job.progress
-        new_failures = {
-            r: Failure(
-                verdict.replies[r].effective_status,
-                verdict.replies[r].line,
-                upstream.config.host,
-                wall,
-            )
-            for r in failed
-        }
         if self._events is not None:  # durable before the outcome is: never a missing event
-            await self._events.emit(_outcome_events(job, upstream, verdict, wall))
+            await self._events.emit(_outcome_events(job, meta, upstream, verdict, wall))
+        all_failed = old.failed
+        if failed:
+            all_failed = {**old.failed}
+            for r in failed:
+                reply = verdict.replies[r]
+                all_failed[r] = Failure(
+                    reply.effective_status, reply.line, upstream.config.host, wall
+                )
         job.progress = Progress(
-            delivered=old.delivered | frozenset(delivered),
-            failed={**old.failed, **new_failures},
+            delivered=old.delivered | frozenset(delivered) if delivered else old.delivered,
+            failed=all_failed,
             attempts=old.attempts + 1,
         )
         if failed:
@@ -422,10 +438,12 @@ class Dispatcher:
                 verdict.replies[failed[0]].line,
             )
         if not deferred:
-            await self._finish(job, body)
+            await self._finish(job, meta, body)
             return
         self.deferrals += 1
         upstream.metrics.deferred.inc()
+        if job.last_reply is None:
+            job.last_reply = {}
         for rcpt in deferred:
             job.last_reply[rcpt] = verdict.replies[rcpt]
         log.info(
@@ -440,44 +458,48 @@ class Dispatcher:
                 await self._store.save_progress(job.queue_id, job.progress)
             except SpoolError as exc:  # worst case after a crash: a duplicate, never a loss
                 log.error("spool.progress_failed queue_id=%s error=%s", job.queue_id, exc)
-        job.avoid.add(upstream.name)
+        job.avoid = job.avoid | {upstream.name}
         self._scheduler.add(job)  # _dispatch sends it elsewhere, or starts a new round
 
     async def _expire(self, job: Job) -> None:
+        loaded = await self._load(job)
+        if loaded is None:
+            return
+        meta, body = loaded
         wall = self._clock.wall()
-        pending = job.progress.pending(job.meta.envelope.rcpt_tos)
+        pending = job.progress.pending(meta.envelope.rcpt_tos)
         failures = dict(job.progress.failed)
+        last_reply = job.last_reply or {}
         for rcpt in pending:
-            last = job.last_reply.get(rcpt)
+            last = last_reply.get(rcpt)
             failures[rcpt] = Failure(EXPIRED_STATUS, last.line if last else "", "", wall)
         log.warning("delivery.expired queue_id=%s rcpts=%d", job.queue_id, len(pending))
         if self._events is not None:
             await self._events.emit(
-                _event(job, r, EXPIRED, "", failures[r].diagnostic, EXPIRED_STATUS, "", wall)
+                _event(job, meta, r, EXPIRED, "", failures[r].diagnostic, EXPIRED_STATUS, "", wall)
                 for r in pending
             )
         job.progress = Progress(job.progress.delivered, failures, job.progress.attempts)
-        await self._finish(job, job.body)
+        await self._finish(job, meta, body)
 
-    async def _finish(self, job: Job, body: bytes | None) -> None:
-        meta = job.meta
+    async def _finish(self, job: Job, meta: MessageMeta, body: bytes | None) -> None:
         failed = job.progress.failed
         if failed and meta.envelope.null_sender:
             # RFC 5321 §6.1: never bounce a bounce.
             log.info("delivery.bounce_dropped queue_id=%s rcpts=%d", job.queue_id, len(failed))
         elif failed:
             if body is None:
-                body = await self._body(job)
-                if body is None:
+                loaded = await self._load(job)
+                if loaded is None:
                     return
-            await self._bounce(job, body)
+                body = loaded[1]
+            await self._bounce(job, meta, body)
         await self._store.remove(meta)
         self._jobs.pop(meta.queue_id, None)
         self._drop_hot(job)
         self.completed += 1
 
-    async def _bounce(self, job: Job, body: bytes) -> None:
-        meta = job.meta
+    async def _bounce(self, job: Job, meta: MessageMeta, body: bytes) -> None:
         report = dsn.build_dsn(
             reporting_mta=self._hostname,
             queue_id=meta.queue_id,
@@ -517,7 +539,7 @@ _FATE_STATUS = {Fate.DELIVERED: DELIVERED, Fate.FAIL: BOUNCED, Fate.DEFER: DEFER
 
 
 def _outcome_events(
-    job: Job, upstream: Upstream, verdict: Verdict, wall: float
+    job: Job, meta: MessageMeta, upstream: Upstream, verdict: Verdict, wall: float
 ) -> Iterator[DeliveryEvent]:
     """One event per recipient this attempt settled or deferred (not-tried ones wait)."""
     for fate, status in _FATE_STATUS.items():
@@ -525,12 +547,21 @@ def _outcome_events(
             reply = verdict.replies[rcpt]
             qid = verdict.upstream_queue_id if fate is Fate.DELIVERED else ""
             yield _event(
-                job, rcpt, status, upstream.name, reply.line, reply.effective_status, qid, wall
+                job,
+                meta,
+                rcpt,
+                status,
+                upstream.name,
+                reply.line,
+                reply.effective_status,
+                qid,
+                wall,
             )
 
 
 def _event(
     job: Job,
+    meta: MessageMeta,
     rcpt: str,
     status: str,
     upstream: str,
@@ -539,7 +570,7 @@ def _event(
     upstream_queue_id: str,
     wall: float,
 ) -> DeliveryEvent:
-    env = job.meta.envelope
+    env = meta.envelope
     return DeliveryEvent(
         status=status,
         queue_id=job.queue_id,
@@ -551,7 +582,7 @@ def _event(
         smtp_reply=reply,
         enhanced_status=enhanced,
         upstream_queue_id=upstream_queue_id,
-        received_at=job.meta.received_wall,
+        received_at=meta.received_wall,
         at=wall,
         attempt=job.progress.attempts + 1,
         headers=dict(env.tags),

@@ -13,32 +13,37 @@ callers already hold (a session's body), so the queue is bounded by the callers
 
 `settle` runs on the event loop after each batch, before any caller resumes, with
 the batch's result or exception: the store indexes what was written there, so a
-caller cancelled meanwhile cannot leave a durable record unaccounted for.
+caller cancelled meanwhile cannot leave a durable record unaccounted for. The next
+batch is handed to the thread only after that, so the thread and `settle` never
+overlap.
+
+Cost per batch (it is on every message's path): one queue put, one
+`call_soon_threadsafe` back, and one plain future per waiting caller; a caller that
+gives up cancels only its own future, never the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from smtpbalancer.errors import SpoolError
-from smtpbalancer.tasks import spawn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Batch(Generic[T]):
-    done: asyncio.Future[None]
     items: list[T] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     size: int = 0
 
 
@@ -59,9 +64,13 @@ class Batcher(Generic[T, R]):
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._settle = settle
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: deque[_Batch[T]] = deque()  # waiting batches; the running one is not here
-        self._draining = False
+        self._busy = False  # a batch is running, or the first one is about to start
+        self._work: queue.SimpleQueue[tuple[_Batch[T], asyncio.AbstractEventLoop] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None  # started with the first batch
+        self._closed = False
         self._idle = threading.Event()  # no batch waiting or running (for close, in a thread)
         self._idle.set()
         self.batches = 0  # completed thread calls, for reprs and tests
@@ -71,8 +80,17 @@ class Batcher(Generic[T, R]):
         waiting = sum(len(b.items) for b in self._queue)
         return f"<Batcher {self._name} batches={self.batches} items={self.items} waiting={waiting}>"
 
-    def post(self, item: T) -> asyncio.Future[None]:
-        """Queue an item without waiting; returns its batch's future."""
+    def post(self, item: T) -> None:
+        """Queue an item without waiting for its batch."""
+        self._add(item, None)
+
+    async def submit(self, item: T) -> None:
+        """Queue an item and wait until its batch has run. Raises the batch's exception."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._add(item, waiter)
+        await waiter
+
+    def _add(self, item: T, waiter: asyncio.Future[None] | None) -> None:
         size = self._size(item)
         batch = self._queue[-1] if self._queue else None
         if (
@@ -80,51 +98,56 @@ class Batcher(Generic[T, R]):
             or len(batch.items) >= self._max_items
             or (batch.items and batch.size + size > self._max_bytes)
         ):
-            batch = _Batch(asyncio.get_running_loop().create_future())
+            batch = _Batch()
             self._queue.append(batch)
         batch.items.append(item)
         batch.size += size
-        if not self._draining:
-            self._draining = True
+        if waiter is not None:
+            batch.waiters.append(waiter)
+        if not self._busy:
+            # From the next loop turn: what else arrives in this one joins the batch.
+            self._busy = True
             self._idle.clear()
-            spawn(self._drain(), name=self._name)
-        return batch.done
+            asyncio.get_running_loop().call_soon(self._start_next)
 
-    async def submit(self, item: T) -> None:
-        """Queue an item and wait until its batch has run. Raises the batch's exception."""
-        # Shielded: one caller giving up must not cancel the outcome for the others.
-        await asyncio.shield(self.post(item))
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
+    def _start_next(self) -> None:
+        """On the loop: hand the oldest waiting batch to the thread (or fail it, closed)."""
+        if self._closed:
             while self._queue:
-                batch = self._queue.popleft()
-                try:
-                    result = await loop.run_in_executor(self._executor, self._run, batch.items)
-                except asyncio.CancelledError:
-                    batch.done.set_exception(SpoolError(f"{self._name} cancelled"))
-                    batch.done.exception()
-                    raise
-                except Exception as exc:
-                    if not isinstance(exc, SpoolError):  # a bug, or the store closed under us
-                        log.error("spool.batch_failed batcher=%s", self._name, exc_info=exc)
-                        exc = SpoolError(f"{self._name} failed")
-                    self._finish(batch, exc)
-                    batch.done.set_exception(exc)
-                    batch.done.exception()  # retrieved: the waiters re-raise it themselves
-                else:
-                    self._finish(batch, result)
-                    batch.done.set_result(None)
-        finally:
-            self._draining = False
+                self._complete(self._queue.popleft(), SpoolError(f"{self._name} closed"))
+        if not self._queue:
+            self._busy = False
             self._idle.set()
-            while self._queue:  # only after a cancellation: the loop is going away
-                left = self._queue.popleft()
-                left.done.set_exception(SpoolError(f"{self._name} stopped"))
-                left.done.exception()
+            return
+        batch = self._queue.popleft()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        self._work.put((batch, asyncio.get_running_loop()))
 
-    def _finish(self, batch: _Batch[T], outcome: R | Exception) -> None:
+    def _serve(self) -> None:
+        # The thread. Every batch it takes is answered on the loop, whatever happens.
+        while (work := self._work.get()) is not None:
+            batch, loop = work
+            outcome: R | BaseException
+            try:
+                outcome = self._run(batch.items)
+            except BaseException as exc:
+                outcome = exc
+            try:
+                loop.call_soon_threadsafe(self._ran, batch, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits for this batch any more
+                return
+
+    def _ran(self, batch: _Batch[T], outcome: R | BaseException) -> None:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, SpoolError):
+            # a bug, or the store closed under us
+            log.error("spool.batch_failed batcher=%s", self._name, exc_info=outcome)
+            outcome = SpoolError(f"{self._name} failed")
+        self._complete(batch, outcome)
+        self._start_next()
+
+    def _complete(self, batch: _Batch[T], outcome: R | Exception) -> None:
         self.batches += 1
         self.items += len(batch.items)
         if self._settle is not None:
@@ -132,6 +155,15 @@ class Batcher(Generic[T, R]):
                 self._settle(batch.items, outcome)
             except Exception:  # a bug: log it, but never leave the callers waiting
                 log.exception("spool.settle_failed batcher=%s", self._name)
+        failed = isinstance(outcome, Exception)
+        for waiter in batch.waiters:
+            if waiter.done():  # its caller gave up (cancelled)
+                continue
+            if failed:
+                assert isinstance(outcome, Exception)
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(None)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until every batch posted so far has run (from a thread other than the
@@ -139,5 +171,9 @@ class Batcher(Generic[T, R]):
         return self._idle.wait(timeout_s)
 
     def close(self) -> None:
-        """Wait for the running batch (blocking); later submissions are not run."""
-        self._executor.shutdown(wait=True)
+        """Wait for the running batch (blocking); later submissions fail with SpoolError."""
+        self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._work.put(None)
+            thread.join()

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolCorrupt
@@ -32,6 +34,7 @@ MESSAGE_MAGIC = b"SMTPB1"
 PROGRESS_MAGIC = b"SMTPS1"
 MAX_HEADER_LINE = 80
 _JSON = json.JSONDecoder()
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +66,22 @@ class Progress:
     attempts: int = 0
 
     def pending(self, rcpts: tuple[str, ...]) -> tuple[str, ...]:
+        if not self.delivered and not self.failed:  # the common case: nothing settled yet
+            return rcpts
         return tuple(r for r in rcpts if r not in self.delivered and r not in self.failed)
+
+
+NO_PROGRESS: Final = Progress()  # shared: progress is replaced, never changed in place
 
 
 def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
     """The file prefix (header line + metadata) to write before the body, and the body crc."""
+    body_crc = zlib.crc32(body)
+    return encode_prefix(meta, len(body), body_crc), body_crc
+
+
+def encode_prefix(meta: MessageMeta, body_len: int, body_crc: int) -> bytes:
+    """The header line and metadata of a record whose body has this length and crc."""
     env = meta.envelope
     doc = {
         "id": meta.queue_id,
@@ -77,7 +91,7 @@ def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
         "client": meta.client,
         "smtputf8": env.smtputf8,
         "8bit": env.body_8bit,
-        "size": len(body),
+        "size": body_len,
     }
     if env.pool != DEFAULT_POOL:  # optional keys: absent in older records
         doc["pool"] = env.pool
@@ -85,16 +99,15 @@ def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
         doc["msgid"] = env.message_id
     if env.tags:
         doc["tags"] = [list(pair) for pair in env.tags]
-    meta_bytes = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-    body_crc = zlib.crc32(body)
+    meta_bytes = _ENCODE(doc).encode()
     head = b"%s %d %d %08x %08x\n" % (
         MESSAGE_MAGIC,
         len(meta_bytes),
-        len(body),
+        body_len,
         zlib.crc32(meta_bytes),
         body_crc,
     )
-    return head + meta_bytes, body_crc
+    return head + meta_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +210,23 @@ def decode_meta(name: str, frame: Frame, meta_bytes: bytes, *, expect_id: bool) 
     """
     if zlib.crc32(meta_bytes) != frame.meta_crc:
         raise SpoolCorrupt(name, "metadata checksum mismatch")
-    body_len = frame.body_len
+    return decode_checked_meta(name, meta_bytes, frame.body_len, frame.body_crc, expect_id)
+
+
+def decode_checked_meta(
+    name: str, meta_bytes: bytes, body_len: int, body_crc: int, expect_id: bool = False
+) -> MessageMeta:
+    """`decode_meta` for metadata whose checksum was verified already. Raises SpoolCorrupt."""
     try:
         doc = _JSON.decode(meta_bytes.decode())
+        # Senders, pools and clients repeat across a queue: one string each, not one per
+        # message (interned strings are freed with their last user).
         envelope = Envelope(
-            mail_from=str(doc["from"]),
-            rcpt_tos=tuple(str(r) for r in doc["rcpts"]),
+            mail_from=sys.intern(str(doc["from"])),
+            rcpt_tos=tuple(map(str, doc["rcpts"])),
             smtputf8=bool(doc.get("smtputf8", False)),
             body_8bit=bool(doc.get("8bit", False)),
-            pool=str(doc.get("pool", DEFAULT_POOL)),
+            pool=sys.intern(str(doc.get("pool", DEFAULT_POOL))),
             message_id=str(doc.get("msgid", "")),
             tags=tuple((str(k), str(v)) for k, v in doc.get("tags", ())),
         )
@@ -214,8 +235,8 @@ def decode_meta(name: str, frame: Frame, meta_bytes: bytes, *, expect_id: bool) 
             envelope=envelope,
             received_wall=float(doc["received"]),
             body_size=body_len,
-            client=str(doc.get("client", "")),
-            body_crc=frame.body_crc,
+            client=sys.intern(str(doc.get("client", ""))),
+            body_crc=body_crc,
         )
         size = doc.get("size", body_len)
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -223,6 +244,35 @@ def decode_meta(name: str, frame: Frame, meta_bytes: bytes, *, expect_id: bool) 
     if (expect_id and meta.queue_id != name) or not envelope.rcpt_tos or size != body_len:
         raise SpoolCorrupt(name, "metadata does not match the file")
     return meta
+
+
+# What encode_prefix writes first, and the arrival time; a quote inside a JSON string is
+# always escaped, so `,"received":` cannot match inside a value.
+_PEEK = re.compile(rb'\{"id":"([0-9A-F]{20})",.*?,"received":(-?[0-9.eE+]+)[,}]', re.DOTALL)
+
+
+def peek_meta(name: str, frame: Frame, meta_bytes: bytes) -> tuple[str, float]:
+    """A segment record's queue id and arrival time, once its checksum holds. Cheaper
+    than `decode_meta`, which may still find the rest bad (a recovery scan decodes it
+    later): our own records are read with a pattern, anything else as JSON, checking
+    recipients and size too. Raises SpoolCorrupt."""
+    if zlib.crc32(meta_bytes) != frame.meta_crc:
+        raise SpoolCorrupt(name, "metadata checksum mismatch")
+    found = _PEEK.match(meta_bytes)
+    if found is not None:
+        try:
+            return found.group(1).decode(), float(found.group(2))
+        except ValueError:
+            pass
+    try:
+        doc = _JSON.decode(meta_bytes.decode())
+        queue_id, received = str(doc["id"]), float(doc["received"])
+        ok = bool(doc["rcpts"]) and doc.get("size", frame.body_len) == frame.body_len
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SpoolCorrupt(name, "bad metadata") from None
+    if not ok:
+        raise SpoolCorrupt(name, "metadata does not match the file")
+    return queue_id, received
 
 
 def check_body(name: str, meta: MessageMeta, body: bytes) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -133,7 +133,7 @@ class Damaged:
 class SegmentScan:
     seq: int
     size: int
-    found: list[Found] = field(default_factory=list)  # live records: not marked done
+    found: list[Found] = field(default_factory=list)  # live records (unless `keep` took them)
     finished: int = 0  # records marked done (or damaged ones already set aside)
     damaged: list[Damaged] = field(default_factory=list)
     end: int = 0  # where the framed records stop
@@ -165,17 +165,23 @@ class _Reader:
         return buf[at : at + n]
 
 
-def scan(path: Path, seq: int, done: DoneMarks) -> SegmentScan:
+# Called with each live record instead of listing it in `found`: its queue id and arrival
+# time, its frame, offset and metadata bytes (checksum verified; the JSON only peeked at,
+# see record.peek_meta, and left to `record.decode_checked_meta`).
+Keep = Callable[[str, float, record.Frame, int, bytes], None]
+
+
+def scan(path: Path, seq: int, done: DoneMarks, keep: Keep | None = None) -> SegmentScan:
     """Frame every record of one segment file. Raises FileNotFoundError if it is gone."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         reader = _Reader(fd, os.fstat(fd).st_size)
-        return _scan(reader, SegmentScan(seq, reader.size), done)
+        return _scan(reader, SegmentScan(seq, reader.size), done, keep)
     finally:
         os.close(fd)
 
 
-def _scan(reader: _Reader, result: SegmentScan, done: DoneMarks) -> SegmentScan:
+def _scan(reader: _Reader, result: SegmentScan, done: DoneMarks, keep: Keep | None) -> SegmentScan:
     pos, size = 0, reader.size
     name = path_label(result.seq)
     found, done_ids = result.found, done.ids
@@ -190,8 +196,13 @@ def _scan(reader: _Reader, result: SegmentScan, done: DoneMarks) -> SegmentScan:
             if len(buf) - at < frame.head_len:  # cannot be checked: the frame may be the damage
                 return _stop(reader, result, pos, "metadata cut short")
         meta_bytes = buf[at + frame.line_len : at + frame.head_len]
+        meta: MessageMeta | None = None
         try:
-            meta = record.decode_meta(name, frame, meta_bytes, expect_id=False)
+            if keep is None:
+                meta = record.decode_meta(name, frame, meta_bytes, expect_id=False)
+                queue_id, received = meta.queue_id, meta.received_wall
+            else:
+                queue_id, received = record.peek_meta(name, frame, meta_bytes)
         except SpoolCorrupt as exc:
             if end <= size and pos in done.offsets:
                 result.finished += 1
@@ -203,8 +214,11 @@ def _scan(reader: _Reader, result: SegmentScan, done: DoneMarks) -> SegmentScan:
             continue
         if end > size:  # a checked frame, body cut short: the write a crash interrupted
             return _stop(reader, result, pos, "", torn=True)
-        if meta.queue_id in done_ids:
+        if queue_id in done_ids:
             result.finished += 1
+        elif meta is None:
+            assert keep is not None
+            keep(queue_id, received, frame, pos, meta_bytes)
         else:
             found.append(Found(meta, pos, frame.head_len))
         pos = end
@@ -264,6 +278,36 @@ def read_body(path: Path, meta: MessageMeta, body_offset: int) -> bytes:
         os.close(fd)
     record.check_body(meta.queue_id, meta, body)
     return body
+
+
+def read_record(path: Path, queue_id: str, offset: int, length: int) -> tuple[MessageMeta, bytes]:
+    """The metadata and body of the record of `queue_id` at `offset`, both checked, in one
+    read (a queued message keeps neither in memory). Raises SpoolCorrupt, OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = pread_all(fd, length, offset)
+    finally:
+        os.close(fd)
+    layout = record.decode_message_head(queue_id, data, expect_id=False)
+    meta = layout.meta
+    if meta.queue_id != queue_id or layout.file_size != len(data):
+        raise SpoolCorrupt(queue_id, "record does not match the index")
+    body = data[layout.body_offset :]
+    record.check_body(queue_id, meta, body)
+    return meta, body
+
+
+def read_meta(path: Path, queue_id: str, offset: int, head_len: int) -> MessageMeta:
+    """The metadata of the record of `queue_id` at `offset`. Raises SpoolCorrupt, OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = pread_all(fd, head_len, offset)
+    finally:
+        os.close(fd)
+    meta = record.decode_message_head(queue_id, head, expect_id=False).meta
+    if meta.queue_id != queue_id:
+        raise SpoolCorrupt(queue_id, "record does not match the index")
+    return meta
 
 
 def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[bytes]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from smtpbalancer.durable import fsync_dir
-from smtpbalancer.errors import SpoolError
+from smtpbalancer.errors import SpoolCorrupt, SpoolError
 from smtpbalancer.spool import record
 from smtpbalancer.spool.record import MessageMeta
 from smtpbalancer.tasks import spawn
@@ -99,6 +99,18 @@ def read_file_body(path: Path, meta: MessageMeta) -> bytes:
         body = fh.read()
     record.check_body(meta.queue_id, meta, body)
     return body
+
+
+def read_file_record(path: Path, queue_id: str) -> tuple[MessageMeta, bytes]:
+    """The metadata and body of a legacy message file, both checked."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    layout = record.decode_message_head(queue_id, data)
+    if layout.file_size != len(data):
+        raise SpoolCorrupt(queue_id, "size does not match the header")
+    body = data[layout.body_offset :]
+    record.check_body(queue_id, layout.meta, body)
+    return layout.meta, body
 
 
 def unlink_legacy(queue_dir: Path, queue_id: str) -> None:

@@ -34,7 +34,9 @@ crash in between both copies may be unmarked: recovery keeps the older one (its
 segment was never written again, while the newer copy's batch may not have been
 synced), and the relocation simply happens again.
 
-The index (queue id -> segment, offset) is memory only; recovery.py rebuilds it.
+The index (queue id -> segment, offset, sizes, arrival) is memory only; recovery.py
+rebuilds it. It holds no envelope: a queued message costs a few small objects, and
+`load` reads its metadata back with its body (one pread) when it is delivered.
 """
 
 from __future__ import annotations
@@ -44,16 +46,16 @@ import errno
 import fcntl
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.durable import fsync_dir
 from smtpbalancer.envelope import Envelope, QueueIds
-from smtpbalancer.errors import SpoolError
+from smtpbalancer.errors import SpoolCorrupt, SpoolError
 from smtpbalancer.spool import record, segment
 from smtpbalancer.spool.batch import Batcher
 from smtpbalancer.spool.occupancy import Action, Occupancy
@@ -63,6 +65,7 @@ from smtpbalancer.spool.sidecar import (
     STATE_SUFFIX,
     DirSync,
     read_file_body,
+    read_file_record,
     touch,
     unlink_legacy,
     unlink_sidecars,
@@ -85,28 +88,29 @@ _T = TypeVar("_T")
 
 
 class Slot(NamedTuple):  # a tuple: one per queued message, made 100k times at a restart
-    """Where a live message is: segment `seq` at `offset` (LEGACY: its own file)."""
+    """Where a live message is: segment `seq` at `offset` (LEGACY: its own file), and what
+    the accounting needs without reading it."""
 
-    meta: MessageMeta
     seq: int
-    offset: int = 0
-    head_len: int = 0
+    offset: int
+    head_len: int
+    body_size: int
+    received_wall: float
 
     @property
     def length(self) -> int:
-        return self.head_len + self.meta.body_size
+        return self.head_len + self.body_size
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    meta: MessageMeta
+class _Pending(NamedTuple):  # one per store: a tuple is the cheapest record to build
+    queue_id: str
+    received_wall: float
     prefix: bytes
     body: bytes
     moved_from: int | None = None  # compaction: the segment of the copy this replaces
 
 
-@dataclass(frozen=True, slots=True)
-class _Cleanup:
+class _Cleanup(NamedTuple):
     """Thread work after a message is finished: its mark, its files, maybe its segment."""
 
     queue_id: str
@@ -229,14 +233,18 @@ class SpoolStore:
         sidecars: bool = False,
     ) -> None:
         """Count a message found by recovery (LEGACY: a file in queue/)."""
-        slot = Slot(meta, seq, offset, head_len)
-        self._index[meta.queue_id] = slot
+        slot = Slot(seq, offset, head_len, meta.body_size, meta.received_wall)
+        self.adopt_slot(meta.queue_id, slot, sidecars=sidecars)
+
+    def adopt_slot(self, queue_id: str, slot: Slot, *, sidecars: bool = False) -> None:
+        """`adopt`, for a record recovery located without keeping its metadata."""
+        self._index[queue_id] = slot
         self.messages += 1
-        self.bytes += meta.body_size
-        if seq != LEGACY:
-            self._occupancy.add(seq, offset, slot.length)
+        self.bytes += slot.body_size
+        if slot.seq != LEGACY:
+            self._occupancy.add(slot.seq, slot.offset, slot.length)
         if sidecars:
-            self._sidecars.add(meta.queue_id)
+            self._sidecars.add(queue_id)
 
     def adopt_segment(self, seq: int, size: int) -> None:
         """Recovery, after adopting a segment's live records: its size. A sparse one is
@@ -250,7 +258,7 @@ class SpoolStore:
             first = next(iter(self._index.values()), None)
         except RuntimeError:  # read from the metrics thread while the loop mutated the dict
             return None
-        return None if first is None else first.meta.received_wall
+        return None if first is None else first.received_wall
 
     def location(self, queue_id: str) -> Slot | None:
         return self._index.get(queue_id)
@@ -258,18 +266,18 @@ class SpoolStore:
     def queue_ids(self) -> set[str]:
         return set(self._index)
 
-    def forget(self, meta: MessageMeta) -> None:
+    def forget(self, queue_id: str) -> None:
         """Stop counting a message (quarantined, or its file vanished). Idempotent."""
-        slot = self._index.pop(meta.queue_id, None)
+        slot = self._index.pop(queue_id, None)
         if slot is not None:
             self.messages -= 1
-            self.bytes -= slot.meta.body_size
-            self._cleanups.post(self._release(slot, mark=False))
+            self.bytes -= slot.body_size
+            self._cleanups.post(self._release(queue_id, slot, mark=False))
 
-    def _release(self, slot: Slot, *, mark: bool) -> _Cleanup:
+    def _release(self, queue_id: str, slot: Slot, *, mark: bool) -> _Cleanup:
         """A copy of a message stops being live (finished, or moved): occupancy's verdict
         and the cleanup thread's work for it."""
-        queue_id, seq = slot.meta.queue_id, slot.seq
+        seq = slot.seq
         sidecars = False
         if self._index.get(queue_id) is None:  # the message itself is gone
             sidecars = queue_id in self._sidecars
@@ -291,48 +299,44 @@ class SpoolStore:
         """Make a message durable. Returns only once its batch is fdatasync'd."""
         wall = self._clock.wall()
         queue_id = queue_id or self._ids.next(wall)
-        meta = MessageMeta(queue_id, envelope, wall, len(body), client)
-        prefix, crc = record.encode_message(meta, body)
-        meta = MessageMeta(queue_id, envelope, wall, len(body), client, crc)
-        await self._commits.submit(_Pending(meta, prefix, body))
+        meta = MessageMeta(queue_id, envelope, wall, len(body), client, zlib.crc32(body))
+        prefix = record.encode_prefix(meta, meta.body_size, meta.body_crc)
+        await self._commits.submit(_Pending(queue_id, wall, prefix, body))
         return meta
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
         # The commit thread. `_rotate` was set on the loop before this batch was handed over.
         rotate, self._rotate = self._rotate, False
-        return self._writer.append(
-            [(p.meta.queue_id, p.prefix, p.body) for p in batch], rotate=rotate
-        )
+        return self._writer.append([(p.queue_id, p.prefix, p.body) for p in batch], rotate=rotate)
 
     def _settle(self, batch: list[_Pending], outcome: tuple[int, list[int]] | Exception) -> None:
         # On the loop, between batches: the writer is idle, its seq is stable.
         if not isinstance(outcome, Exception):
             seq, offsets = outcome
             for pending, offset in zip(batch, offsets, strict=True):
-                meta = pending.meta
-                slot = Slot(meta, seq, offset, len(pending.prefix))
+                size = len(pending.body)
+                slot = Slot(seq, offset, len(pending.prefix), size, pending.received_wall)
                 if pending.moved_from is not None:
-                    self._moved(slot, pending.moved_from)
+                    self._moved(pending.queue_id, slot, pending.moved_from)
                     continue
-                self._index[meta.queue_id] = slot
+                self._index[pending.queue_id] = slot
                 self._occupancy.add(seq, offset, slot.length)
                 self.messages += 1
-                self.bytes += meta.body_size
+                self.bytes += size
         left, action = self._occupancy.switch(self._writer.seq)
         if left is not None and action is Action.RECLAIM:
             self._cleanups.post(_Cleanup("", left, mark=False, reclaim=left))
         self._compact_later(left if action is Action.COMPACT else None)
 
-    def _moved(self, copy: Slot, moved_from: int) -> None:
+    def _moved(self, queue_id: str, copy: Slot, moved_from: int) -> None:
         """A relocated copy is durable: point the index at it and mark the old copy done."""
-        queue_id = copy.meta.queue_id
         old = self._index.get(queue_id)
         if old is None or old.seq != moved_from:  # finished meanwhile: the copy is dead
             self._cleanups.post(_Cleanup(queue_id, copy.seq))
             return
         self._index[queue_id] = copy  # same key: the arrival order is kept
         self._occupancy.add(copy.seq, copy.offset, copy.length)
-        self._cleanups.post(self._release(old, mark=True))
+        self._cleanups.post(self._release(queue_id, old, mark=True))
         self.relocated += 1
 
     # --- compaction ----------------------------------------------------------------------
@@ -360,25 +364,25 @@ class SpoolStore:
     async def _relocate(self, seq: int) -> int:
         """Copy the live records of segment `seq` into the open segment, in small batches."""
         path = segment.log_path(self.segments_dir, seq)
-        slots = [s for s in self._index.values() if s.seq == seq]
+        slots = [(qid, s) for qid, s in self._index.items() if s.seq == seq]
         moved = 0
         while slots and not self._closing:
-            chunk: list[Slot] = []
+            chunk: list[tuple[str, Slot]] = []
             size = 0
-            while slots and (not chunk or size + slots[-1].length <= COMPACT_CHUNK_BYTES):
+            while slots and (not chunk or size + slots[-1][1].length <= COMPACT_CHUNK_BYTES):
                 chunk.append(slots.pop())
-                size += chunk[-1].length
-            chunk = [s for s in chunk if self._index.get(s.meta.queue_id) is s]
+                size += chunk[-1][1].length
+            chunk = [(qid, s) for qid, s in chunk if self._index.get(qid) is s]
             if not chunk:
                 continue
-            spans = [(s.offset, s.length) for s in chunk]
+            spans = [(s.offset, s.length) for _, s in chunk]
             raws = await self._in_thread(segment.read_spans, path, spans)
             await asyncio.gather(
                 *(
                     self._commits.submit(
-                        _Pending(s.meta, raw[: s.head_len], raw[s.head_len :], moved_from=seq)
+                        _Pending(qid, s.received_wall, raw[: s.head_len], raw[s.head_len :], seq)
                     )
-                    for s, raw in zip(chunk, raws, strict=True)
+                    for (qid, s), raw in zip(chunk, raws, strict=True)
                 )
             )
             moved += len(chunk)
@@ -406,6 +410,26 @@ class SpoolStore:
                 # compacted while we read: the segment we looked in is gone, try the copy
         raise FileNotFoundError(errno.ENOENT, "not in the spool", meta.queue_id)
 
+    async def load(self, queue_id: str) -> tuple[MessageMeta, bytes]:
+        """Read and verify a spooled message's metadata and body, in one read. Raises
+        SpoolCorrupt or OSError (FileNotFoundError once the message is gone)."""
+        for _ in range(3):
+            slot = self._index.get(queue_id)
+            if slot is None:
+                break
+            if slot.seq == LEGACY:
+                return await self._in_thread(read_file_record, self.queue_dir / queue_id, queue_id)
+            path = segment.log_path(self.segments_dir, slot.seq)
+            try:
+                return await self._in_thread(
+                    segment.read_record, path, queue_id, slot.offset, slot.length
+                )
+            except FileNotFoundError:
+                if self._index.get(queue_id) is slot:
+                    raise
+                # compacted while we read: the segment we looked in is gone, try the copy
+        raise FileNotFoundError(errno.ENOENT, "not in the spool", queue_id)
+
     async def save_progress(self, queue_id: str, progress: Progress) -> None:
         """Durably record settled recipients (atomic replace + directory fsync)."""
         path = self.queue_dir / f"{queue_id}{STATE_SUFFIX}"
@@ -421,8 +445,8 @@ class SpoolStore:
         slot = self._index.pop(meta.queue_id, None)
         if slot is not None:
             self.messages -= 1
-            self.bytes -= slot.meta.body_size
-            await self._cleanups.submit(self._release(slot, mark=True))
+            self.bytes -= slot.body_size
+            await self._cleanups.submit(self._release(meta.queue_id, slot, mark=True))
 
     def _clean(self, batch: list[_Cleanup]) -> None:
         # The cleanup thread. Never raises: a failure here costs a redelivery, not a loss.
@@ -452,15 +476,23 @@ class SpoolStore:
 
     async def quarantine(self, meta: MessageMeta, why: str) -> None:
         """Copy a message that failed validation into quarantine/, then finish it."""
-        log.error("spool.quarantine queue_id=%s reason=%s", meta.queue_id, why)
-        slot = self._index.get(meta.queue_id)
+        await self.quarantine_id(meta.queue_id, why)
+
+    async def quarantine_id(self, queue_id: str, why: str) -> None:
+        """`quarantine` for a message whose metadata could not be read."""
+        log.error("spool.quarantine queue_id=%s reason=%s", queue_id, why)
+        slot = self._index.get(queue_id)
         if slot is None:
             return
         if slot.seq == LEGACY:
-            await self._in_thread(self.quarantine_now, meta.queue_id)
+            await self._in_thread(self.quarantine_now, queue_id)
         else:
-            await self._in_thread(self._quarantine_record, slot)
-        await self.remove(meta)
+            await self._in_thread(self._quarantine_record, queue_id, slot)
+        slot = self._index.pop(queue_id, None)
+        if slot is not None:
+            self.messages -= 1
+            self.bytes -= slot.body_size
+            await self._cleanups.submit(self._release(queue_id, slot, mark=True))
 
     def quarantine_now(self, name: str) -> None:
         """Move a legacy file (and its state file) into quarantine/. Blocking."""
@@ -471,11 +503,9 @@ class SpoolStore:
         fsync_dir(self.quarantine_dir)
         fsync_dir(self.queue_dir)
 
-    def _quarantine_record(self, slot: Slot) -> None:
-        queue_id = slot.meta.queue_id
+    def _quarantine_record(self, queue_id: str, slot: Slot) -> None:
         path = segment.log_path(self.segments_dir, slot.seq)
-        length = slot.head_len + slot.meta.body_size
-        segment.copy_out(path, slot.offset, length, self.quarantine_dir / queue_id)
+        segment.copy_out(path, slot.offset, slot.length, self.quarantine_dir / queue_id)
         state = self.queue_dir / f"{queue_id}{STATE_SUFFIX}"
         if state.exists():
             os.replace(state, self.quarantine_dir / state.name)
@@ -508,11 +538,12 @@ class SpoolStore:
         return True
 
     async def delete(self, queue_id: str) -> MessageMeta | None:
-        """Finish a message for good, durably (no DSN). None if unknown."""
+        """Finish a message for good, durably (no DSN). Returns its metadata: None if it
+        is unknown, or if its record can no longer be read (it is deleted all the same)."""
         slot = self._index.get(queue_id)
         if slot is None:
             return None
-        meta = slot.meta
+        meta = await self._in_thread(self._read_meta, queue_id, slot)
         while slot is not None:  # compaction may move it while the mark is written
             try:
                 await self._in_thread(finish_durably, self.directory, slot.seq, queue_id)
@@ -525,9 +556,21 @@ class SpoolStore:
         current = self._index.pop(queue_id, None)
         if current is not None:  # not finished by the dispatcher meanwhile
             self.messages -= 1
-            self.bytes -= current.meta.body_size
-            self._cleanups.post(self._release(current, mark=False))
+            self.bytes -= current.body_size
+            self._cleanups.post(self._release(queue_id, current, mark=False))
         return meta
+
+    def _read_meta(self, queue_id: str, slot: Slot) -> MessageMeta | None:
+        """The metadata of a live message, read back (the index does not keep it). Blocking."""
+        try:
+            if slot.seq == LEGACY:
+                with open(self.queue_dir / queue_id, "rb") as fh:
+                    head = fh.read()
+                return record.decode_message_head(queue_id, head).meta
+            path = segment.log_path(self.segments_dir, slot.seq)
+            return segment.read_meta(path, queue_id, slot.offset, slot.head_len)
+        except (SpoolCorrupt, OSError):
+            return None
 
 
 def _on_a_loop() -> bool:
