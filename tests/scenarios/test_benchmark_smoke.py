@@ -52,3 +52,17 @@ def test_smoke_run_relays_every_message_through_smtpbalancer(tmp_path: Path) -> 
     assert scale["recovery_sink_count"] == scale["queued"] > 0
     assert scale["restart_s"] > 0
     assert {t["name"] for t in result["targets"]}  # the target table is always produced
+
+
+def test_revisions_script_measures_a_revision_as_the_suite_does() -> None:
+    script = SUITE.with_name("revisions.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), "HEAD", "--messages", "30", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"revisions.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x1.00" in line]
+    assert len(rows) == 1, proc.stdout
