@@ -39,6 +39,7 @@ from smtpbalancer import metrics, replies
 from smtpbalancer.config import ServerConfig
 from smtpbalancer.frontend import hardening
 from smtpbalancer.frontend.admission import session_ip
+from smtpbalancer.frontend.dispatch_names import aiosmtpd_names
 from smtpbalancer.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class Guard(SMTP):
         # fires, None when none is armed.
         self._deadline = 0.0
         self._armed_at: float | None = None
+
+    def __dir__(self) -> list[str]:
+        return aiosmtpd_names(self)  # aiosmtpd's per-connection tables: see dispatch_names
 
     # --- hooks for the subclass ---------------------------------------------------
 

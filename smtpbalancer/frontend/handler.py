@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import inspect
 import logging
 import weakref
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from smtpbalancer.frontend import admission, dedupe, hardening
 from smtpbalancer.frontend.admission import Limits
 from smtpbalancer.frontend.auth import Authenticator, tls_active
 from smtpbalancer.frontend.dedupe import DedupeWindow
+from smtpbalancer.frontend.dispatch_names import aiosmtpd_names
 from smtpbalancer.frontend.routing import Router
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ class PressureSource(Protocol):
 
 
 class Handler:
+    def __dir__(self) -> list[str]:
+        return aiosmtpd_names(self)  # read on every connection: see dispatch_names
+
     def __init__(
         self,
         *,
@@ -156,6 +161,10 @@ class Handler:
         extensions += ["PIPELINING", "ENHANCEDSTATUSCODES"]
         lines = [responses[0]] + [f"250-{e}" for e in extensions[:-1]]
         return [*lines, f"250 {extensions[-1]}"]
+
+    # aiosmtpd inspects this hook's signature on every connection (old 4- or new
+    # 5-argument form); computed once here, inspect.signature finds it at once.
+    handle_EHLO.__signature__ = inspect.signature(handle_EHLO)  # type: ignore[attr-defined]
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
