@@ -45,23 +45,8 @@ class Submitter(Protocol):
         """Returns once the message is durable; raises SpoolError otherwise."""
 
 
-class PressureSource(Protocol):
+class PressureSource(admission.Room, Protocol):
     """The spool's room (spool.capacity.Capacity); read per MAIL, so reads must be cheap."""
-
-    @property
-    def spool_bytes(self) -> int: ...
-
-    @property
-    def reserved_bytes(self) -> int: ...
-
-    @property
-    def max_spool_bytes(self) -> int: ...
-
-    @property
-    def free_disk_bytes(self) -> int: ...
-
-    @property
-    def min_free_disk_bytes(self) -> int: ...
 
     def reserve(self, size: int) -> None: ...
 
