@@ -256,6 +256,8 @@ class UpstreamConnection:
             return SendResult(refused=refused, final=_ALL_REFUSED, stage="rcpt")
         commands.append(b"DATA\r\n")
 
+        if self._live_wire("mail").unread:  # it spoke while idle: replies would be off by one
+            raise self._broken("mail", "unexpected reply between transactions")
         if self.supports("pipelining"):
             answers = await self._round_trip(commands)
         else:
@@ -281,8 +283,6 @@ class UpstreamConnection:
     async def _round_trip(self, commands: list[bytes]) -> list[RawReply]:
         """RFC 2920: the whole group in one write; the server answers every command."""
         wire = self._live_wire("mail")
-        if wire.unread:  # said something while idle: its replies can no longer be matched
-            raise self._broken("mail", "unexpected reply between transactions")
         try:
             wire.write(b"".join(commands))
             answers = await wire.replies(len(commands), self._timeout_s)
@@ -295,8 +295,6 @@ class UpstreamConnection:
 
     async def _one_by_one(self, commands: list[bytes]) -> list[RawReply]:
         """Without PIPELINING: stop after a refused MAIL, and before DATA if no RCPT passed."""
-        if self._live_wire("mail").unread:
-            raise self._broken("mail", "unexpected reply between transactions")
         answers: list[RawReply] = []
         last_rcpt = len(commands) - 2
         for index, command in enumerate(commands):
