@@ -36,11 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peers import free_port  # sibling modules: run as benchmarks/<script>.py
+from peers import free_port, scrape_metric  # sibling modules: run as benchmarks/<script>.py
 from procstat import own_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,11 +73,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 
 def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+    return scrape_metric(port, name) or 0.0
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -89,6 +89,18 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> N
         proc.wait(10)
 
 
+def scrape_metric(port: int, name: str) -> float | None:
+    """`name` from smtpbalancer's /metrics on 127.0.0.1:`port`, summed over its labelled
+    series (a supervisor's carry `worker`); None if absent. Raises OSError."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        total, found = 0.0, False
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        return total if found else None
+
+
 def spawn(args: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -559,15 +571,8 @@ class Smtpbalancer(Target):
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
     def metric(self, name: str) -> float | None:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                total, found = 0.0, False
-                for line in resp.read().decode().splitlines():
-                    if line.startswith(name + " ") or line.startswith(name + "{"):
-                        total += float(line.rsplit(" ", 1)[1])
-                        found = True
-                return total if found else None
+            return scrape_metric(self.metrics_port, name)
         except OSError:
             return None
 

@@ -16,11 +16,10 @@ import asyncio
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiosmtplib
-from peers import free_port  # sibling modules: run as benchmarks/<script>.py
+from peers import free_port, scrape_metric  # sibling modules: run as benchmarks/<script>.py
 from procstat import own_cpu_seconds
 
 SMTPB = [sys.executable, "-m", "smtpbalancer", "--log-level", "WARNING"]
@@ -44,11 +43,7 @@ async def load(port: int, n: int, clients: int, size: int) -> float:
 
 
 def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+    return scrape_metric(port, name) or 0.0
 
 
 async def start(args: list[str], ready: str) -> asyncio.subprocess.Process:
