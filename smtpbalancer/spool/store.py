@@ -22,10 +22,12 @@ event loop never blocks on the disk.
 
 Completion: `remove` appends the queue id to the segment's .done file without an
 fsync (a lost mark only means a redelivery after a crash, which at-least-once allows)
-and unlinks the message's .state/.hold if it has them. Marks and unlinks run batched
-on their own thread. What then happens to segments is occupancy.py's call: one with
-nothing live left is unlinked with its marks; a sparse one is compacted; a drained
-open segment is replaced.
+and unlinks the message's .state/.hold if it has them. A plain mark is written on the
+loop, one write per segment per loop turn (marks.py); sidecar and legacy-file unlinks,
+their marks, and reclaims run batched on the cleanup thread. What then happens to
+segments is occupancy.py's call: one with nothing live left is unlinked with its marks
+(on the cleanup thread, after `MarkAppender.retire` wrote its last buffered marks and
+closed its fd); a sparse one is compacted; a drained open segment is replaced.
 
 Compaction copies the live records of a sparse segment forward: the raw records go
 through the same commit path (one fdatasync per batch), and only after that batch is
@@ -58,6 +60,7 @@ from smtpbalancer.envelope import Envelope, QueueIds
 from smtpbalancer.errors import SpoolCorrupt, SpoolError
 from smtpbalancer.spool import record, segment
 from smtpbalancer.spool.batch import Batcher
+from smtpbalancer.spool.marks import MarkAppender
 from smtpbalancer.spool.occupancy import Action, Occupancy
 from smtpbalancer.spool.record import MessageMeta, Progress
 from smtpbalancer.spool.sidecar import (
@@ -111,13 +114,19 @@ class _Pending(NamedTuple):  # one per store: a tuple is the cheapest record to 
 
 
 class _Cleanup(NamedTuple):
-    """Thread work after a message is finished: its mark, its files, maybe its segment."""
+    """Work after a message is finished: its mark, its files, maybe its segment. The
+    cleanup thread does it, but for a plain mark (the common case: marks.py)."""
 
     queue_id: str
     seq: int
     mark: bool = True  # append queue_id to the segment's .done
     sidecars: bool = False  # unlink queue/<id>.state and .hold
     reclaim: int | None = None  # unlink this segment and its marks
+
+    @property
+    def plain(self) -> bool:
+        """Only a segment mark: written on the loop (marks.py), not by the thread."""
+        return self.mark and self.seq != LEGACY and not self.sidecars and self.reclaim is None
 
 
 class SpoolStore:
@@ -142,11 +151,12 @@ class SpoolStore:
             max_bytes=BATCH_BYTES,
             settle=self._settle,
         )
-        # Marks get their own thread: queued behind fdatasyncs they would lag, and every
+        # Cleanups get their own thread: queued behind fdatasyncs they would lag, and every
         # delivered-but-unmarked message is a duplicate after a crash.
         self._cleanups: Batcher[_Cleanup, None] = Batcher(
-            "spool-marks", self._clean, size=lambda _: 1, max_items=4096, max_bytes=4096
+            "spool-cleanup", self._clean, size=lambda _: 1, max_items=4096, max_bytes=4096
         )
+        self._marks = MarkAppender(self.segments_dir)
         self._dirsync = DirSync(self.queue_dir, self._in_thread)
         self._lock_fd: int | None = None
         self.messages = 0
@@ -203,10 +213,14 @@ class SpoolStore:
         queued: the last done marks and reclaims, so a drained spool is left empty.
         """
         self._closing = True
-        if not _on_a_loop():
-            self._commits.wait_idle(CLOSE_WAIT_S)
+        if _on_a_loop():
+            self._marks.flush()
+        else:
+            self._commits.wait_idle(CLOSE_WAIT_S)  # its settle may post marks and reclaims
+            self._marks.wait_idle(CLOSE_WAIT_S)
             self._cleanups.wait_idle(CLOSE_WAIT_S)
         self._commits.close()
+        self._marks.close()  # before the open segment's .done may be unlinked below
         self._cleanups.close()
         self._pool.shutdown(wait=True)
         if self._lock_fd is None:  # a read-only view never changes the spool
@@ -272,7 +286,7 @@ class SpoolStore:
         if slot is not None:
             self.messages -= 1
             self.bytes -= slot.body_size
-            self._cleanups.post(self._release(queue_id, slot, mark=False))
+            self._post(self._release(queue_id, slot, mark=False))
 
     def _release(self, queue_id: str, slot: Slot, *, mark: bool) -> _Cleanup:
         """A copy of a message stops being live (finished, or moved): occupancy's verdict
@@ -288,7 +302,10 @@ class SpoolStore:
         if action is Action.ROTATE:
             self._rotate = True
         self._compact_later(seq if action is Action.COMPACT else None)
-        reclaim = seq if action is Action.RECLAIM else None
+        reclaim = None
+        if action is Action.RECLAIM:
+            self._marks.retire(seq)  # before the thread may unlink its .done
+            reclaim = seq
         return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars, reclaim=reclaim)
 
     # --- the write path ----------------------------------------------------------------
@@ -325,6 +342,7 @@ class SpoolStore:
                 self.bytes += size
         left, action = self._occupancy.switch(self._writer.seq)
         if left is not None and action is Action.RECLAIM:
+            self._marks.retire(left)  # before the thread may unlink its .done
             self._cleanups.post(_Cleanup("", left, mark=False, reclaim=left))
         self._compact_later(left if action is Action.COMPACT else None)
 
@@ -332,11 +350,11 @@ class SpoolStore:
         """A relocated copy is durable: point the index at it and mark the old copy done."""
         old = self._index.get(queue_id)
         if old is None or old.seq != moved_from:  # finished meanwhile: the copy is dead
-            self._cleanups.post(_Cleanup(queue_id, copy.seq))
+            self._post(_Cleanup(queue_id, copy.seq))
             return
         self._index[queue_id] = copy  # same key: the arrival order is kept
         self._occupancy.add(copy.seq, copy.offset, copy.length)
-        self._cleanups.post(self._release(queue_id, old, mark=True))
+        self._post(self._release(queue_id, old, mark=True))
         self.relocated += 1
 
     # --- compaction ----------------------------------------------------------------------
@@ -446,7 +464,20 @@ class SpoolStore:
         if slot is not None:
             self.messages -= 1
             self.bytes -= slot.body_size
-            await self._cleanups.submit(self._release(meta.queue_id, slot, mark=True))
+            await self._finish(self._release(meta.queue_id, slot, mark=True))
+
+    async def _finish(self, cleanup: _Cleanup) -> None:
+        # Every cleanup goes through here or _post: a plain mark to the loop's appender.
+        if cleanup.plain:
+            await self._marks.append(cleanup.seq, cleanup.queue_id)
+        else:
+            await self._cleanups.submit(cleanup)
+
+    def _post(self, cleanup: _Cleanup) -> None:
+        if cleanup.plain:
+            self._marks.post(cleanup.seq, cleanup.queue_id)
+        else:
+            self._cleanups.post(cleanup)
 
     def _clean(self, batch: list[_Cleanup]) -> None:
         # The cleanup thread. Never raises: a failure here costs a redelivery, not a loss.
@@ -492,7 +523,7 @@ class SpoolStore:
         if slot is not None:
             self.messages -= 1
             self.bytes -= slot.body_size
-            await self._cleanups.submit(self._release(queue_id, slot, mark=True))
+            await self._finish(self._release(queue_id, slot, mark=True))
 
     def quarantine_now(self, name: str) -> None:
         """Move a legacy file (and its state file) into quarantine/. Blocking."""
@@ -557,7 +588,7 @@ class SpoolStore:
         if current is not None:  # not finished by the dispatcher meanwhile
             self.messages -= 1
             self.bytes -= current.body_size
-            self._cleanups.post(self._release(queue_id, current, mark=False))
+            self._post(self._release(queue_id, current, mark=False))
         return meta
 
     def _read_meta(self, queue_id: str, slot: Slot) -> MessageMeta | None:
