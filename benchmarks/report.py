@@ -174,8 +174,19 @@ def targets(result: Row) -> list[Row]:
         }
     )
     fit = sc.get("accept_fit")
-    ar = fit["ratio"] if fit else sc.get("accept_ratio")
-    if fit:
+    paired = sc.get("paired")
+    ar = paired["ratio"] if paired else fit["ratio"] if fit else sc.get("accept_ratio")
+    if paired:
+        n = len(paired["pairs"])
+        spread = f" ({paired['ratio_min']:.2f}-{paired['ratio_max']:.2f})" if n > 1 else ""
+        line = f"; line through the growing series: x{fit['ratio']:.2f}" if fit else ""
+        measured = (
+            f"{n} interleaved batch pairs against a fresh instance: {paired['full_rate']:,.0f} "
+            f"msg/s with {paired['full_queued_min']:,}+ queued vs {paired['empty_rate']:,.0f} "
+            f"with at most {paired['empty_queued_max']:,}; per-pair ratio x{paired['ratio']:.2f}"
+            f"{spread}{line}"
+        )
+    elif fit:
         measured = (
             f"least-squares line over {fit['batches']} batches: {fit['at_max']:,.0f} msg/s at "
             f"{fit['max_queued']:,} queued vs {fit['at_0']:,.0f} at 0 "
@@ -418,6 +429,11 @@ def markdown(result: Row, chart_name: str | None) -> str:
             ),
             ("ratio full / empty (these two batches)", sc.get("accept_ratio"), "x{:.2f}"),
             (
+                "ratio, interleaved pairs against a fresh instance (median)",
+                (sc.get("paired") or {}).get("ratio"),
+                "x{:.2f}",
+            ),
+            (
                 "ratio from a line through all batches",
                 (sc.get("accept_fit") or {}).get("ratio"),
                 "x{:.2f}",
@@ -436,6 +452,19 @@ def markdown(result: Row, chart_name: str | None) -> str:
         ]  # fmt: skip
         for name, value, fmt in rows:
             lines.append(f"| {name} | {fmt.format(value) if value is not None else '-'} |")
+        if sc.get("paired"):
+            lines += [
+                "",
+                "Interleaved pairs (the full instance and a fresh one with an empty spool, both "
+                "with relays down, the same batch each, alternating which goes first): "
+                + "; ".join(
+                    f"{p['full']['rate']:,.0f} msg/s with {p['full']['queued_before']:,} queued"
+                    f" vs {p['empty']['rate']:,.0f} with {p['empty']['queued_before']:,}"
+                    f" (x{p['ratio']:.2f})"
+                    for p in sc["paired"]["pairs"]
+                )
+                + ".",
+            ]
         if sc.get("series"):
             lines += [
                 "",

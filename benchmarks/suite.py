@@ -28,6 +28,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -474,6 +475,55 @@ def wait_for(check: Any, timeout: float, every: float = 0.05) -> float | None:
     return time.perf_counter() - t0
 
 
+def paired_batches(
+    ctx: Context, work: Path, full: peers.Smtpbalancer, batch: int, queued: int
+) -> dict[str, Any]:
+    """The same batch against the full instance and a fresh one (empty spool, relays down
+    too), alternating and in both orders, so the machine's drift falls on both alike; the
+    verdict is the median of the per-pair ratios. Both spools keep what they accept."""
+    pairs = 1 if ctx.mode.name == "smoke" else 3
+    (work / "empty").mkdir(parents=True, exist_ok=True)
+    sinks = peers.Sinks(work / "empty", 2, ctx.sink_kind)  # reserved, never started
+    empty = peers.Smtpbalancer(
+        work / "empty", ctx.overrides, spool=work / "empty" / "spool", code=ctx.code
+    )
+    out: dict[str, Any] = {"pairs": []}
+    try:
+        empty.start(sinks)
+        warm = client_once(empty.port, max(20, batch // 5), 20, 1024, work)
+        queued_empty = warm["accepted"]
+        for i in range(pairs):
+            pair: dict[str, Any] = {}
+            order = (("full", full), ("empty", empty)) if i % 2 == 0 else (
+                ("empty", empty), ("full", full))  # fmt: skip
+            for name, sb in order:
+                res = client_once(sb.port, batch, 20, 1024, work)
+                before = queued if name == "full" else queued_empty
+                pair[name] = {"queued_before": before, "rate": res["rate"],
+                              "accepted": res["accepted"]}  # fmt: skip
+                if name == "full":
+                    queued += res["accepted"]
+                else:
+                    queued_empty += res["accepted"]
+            pair["ratio"] = round(pair["full"]["rate"] / max(pair["empty"]["rate"], 1e-9), 3)
+            say(
+                f"  scale pair {i + 1}: {pair['full']['rate']:.0f}/s with "
+                f"{pair['full']['queued_before']} queued vs {pair['empty']['rate']:.0f}/s with "
+                f"{pair['empty']['queued_before']}, x{pair['ratio']:.2f}"
+            )
+            out["pairs"].append(pair)
+    finally:
+        empty.stop()
+    ratios = [p["ratio"] for p in out["pairs"]]
+    out["ratio"] = statistics.median(ratios)
+    out["ratio_min"], out["ratio_max"] = min(ratios), max(ratios)
+    out["full_rate"] = statistics.median(p["full"]["rate"] for p in out["pairs"])
+    out["empty_rate"] = statistics.median(p["empty"]["rate"] for p in out["pairs"])
+    out["full_queued_min"] = min(p["full"]["queued_before"] for p in out["pairs"])
+    out["empty_queued_max"] = max(p["empty"]["queued_before"] for p in out["pairs"])
+    return out
+
+
 def scale_run(ctx: Context, total: int, batch: int) -> dict[str, Any]:
     """Accept rate as the queue grows to `total`, RSS, restart and recovery with it queued."""
     work = ctx.rundir("scale")
@@ -512,6 +562,8 @@ def scale_run(ctx: Context, total: int, batch: int) -> dict[str, Any]:
         out["accept_full_rate"] = series[-1]["rate"]
         out["accept_full_queued"] = series[-1]["queued_before"]
         out["accept_ratio"] = round(series[-1]["rate"] / max(series[0]["rate"], 1e-9), 3)
+        out["paired"] = paired_batches(ctx, work, sb, batch, queued)
+        queued += sum(p["full"]["accepted"] for p in out["paired"]["pairs"])
         wait_for(lambda: sb.queue_messages() == queued, 30)
         out["queued"] = queued
         out["queue_metric"] = sb.queue_messages()
