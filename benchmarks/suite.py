@@ -478,9 +478,10 @@ def wait_for(check: Any, timeout: float, every: float = 0.05) -> float | None:
 def paired_batches(
     ctx: Context, work: Path, full: peers.Smtpbalancer, batch: int, queued: int
 ) -> dict[str, Any]:
-    """The same batch against the full instance and a fresh one (empty spool, relays down
-    too), alternating and in both orders, so the machine's drift falls on both alike; the
-    verdict is the median of the per-pair ratios. Both spools keep what they accept."""
+    """The same batch against the full instance (restarted, relays still down) and a fresh
+    one (empty spool, relays down too), alternating and in both orders, so the machine's
+    drift falls on both alike; the verdict is the median of the per-pair ratios. Both
+    spools keep what they accept: `full_accepted` is what the full one took."""
     pairs = 1 if ctx.mode.name == "smoke" else 3
     (work / "empty").mkdir(parents=True, exist_ok=True)
     sinks = peers.Sinks(work / "empty", 2, ctx.sink_kind)  # reserved, never started
@@ -490,8 +491,12 @@ def paired_batches(
     out: dict[str, Any] = {"pairs": []}
     try:
         empty.start(sinks)
+        # Both warm up first: the fresh instance, and the full one, just restarted.
         warm = client_once(empty.port, max(20, batch // 5), 20, 1024, work)
         queued_empty = warm["accepted"]
+        warm = client_once(full.port, max(20, batch // 5), 20, 1024, work)
+        out["full_accepted"] = warm["accepted"]
+        queued += warm["accepted"]
         for i in range(pairs):
             pair: dict[str, Any] = {}
             order = (("full", full), ("empty", empty)) if i % 2 == 0 else (
@@ -503,6 +508,7 @@ def paired_batches(
                               "accepted": res["accepted"]}  # fmt: skip
                 if name == "full":
                     queued += res["accepted"]
+                    out["full_accepted"] += res["accepted"]
                 else:
                     queued_empty += res["accepted"]
             pair["ratio"] = round(pair["full"]["rate"] / max(pair["empty"]["rate"], 1e-9), 3)
@@ -562,8 +568,6 @@ def scale_run(ctx: Context, total: int, batch: int) -> dict[str, Any]:
         out["accept_full_rate"] = series[-1]["rate"]
         out["accept_full_queued"] = series[-1]["queued_before"]
         out["accept_ratio"] = round(series[-1]["rate"] / max(series[0]["rate"], 1e-9), 3)
-        out["paired"] = paired_batches(ctx, work, sb, batch, queued)
-        queued += sum(p["full"]["accepted"] for p in out["paired"]["pairs"])
         wait_for(lambda: sb.queue_messages() == queued, 30)
         out["queued"] = queued
         out["queue_metric"] = sb.queue_messages()
@@ -585,6 +589,11 @@ def scale_run(ctx: Context, total: int, batch: int) -> dict[str, Any]:
         out["rss_restarted_mb"] = round(rss / 1024, 1)
         out["hwm_restarted_mb"] = round(hwm / 1024, 1)
         out["pss_restarted_mb"] = round(pss / 1024, 1)
+        # After the figures above, which stay at the queue size they always had.
+        out["queued_measured"] = queued  # the queue at the RSS and restart figures
+        out["paired"] = paired_batches(ctx, work, sb, batch, queued)
+        queued += out["paired"]["full_accepted"]
+        out["queued"] = queued  # what recovery drains
         sb.stop()
 
         # Recovery: relays up, restart, drain everything.

@@ -51,10 +51,11 @@ def test_smoke_run_relays_every_message_through_smtpbalancer(tmp_path: Path) -> 
     assert scale["recovery_complete"] is True
     assert scale["recovery_sink_count"] == scale["queued"] > 0
     assert scale["restart_s"] > 0
-    # The interleaved comparison: the same batch against the full and a fresh instance;
-    # its batches count in `queued`, so the recovery check above covers them too.
+    # The interleaved comparison (after the RSS and restart figures): the same batch against
+    # the full and a fresh instance; its batches count in `queued`, which recovery drains.
     pairs = scale["paired"]["pairs"]
     assert len(pairs) == 1 and scale["paired"]["ratio"] > 0
+    assert scale["queued_measured"] + scale["paired"]["full_accepted"] == scale["queued"]
     for pair in pairs:
         assert pair["full"]["accepted"] == pair["empty"]["accepted"] == scale["batch"], pair
         assert pair["full"]["queued_before"] > pair["empty"]["queued_before"], pair
