@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from smtpbalancer.clock import Clock
 from smtpbalancer.tasks import spawn
@@ -53,17 +52,19 @@ class Pool:
     def size(self) -> int:
         return self._size
 
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[UpstreamConnection]:
+    async def acquire(self) -> UpstreamConnection:
+        """A connection for one transaction; every acquire is paired with one `release`
+        (a try/finally, not an async context manager: this is once per message)."""
         conn = await self._acquire()
         self._busy += 1
-        reusable = False
-        try:
-            yield conn
-            reusable = conn.usable and conn.messages < self._max_messages
-        finally:
-            self._busy -= 1
-            self._release(conn, reusable)
+        return conn
+
+    def release(self, conn: UpstreamConnection, *, completed: bool) -> None:
+        """Back to the idle set if its transaction completed and it can take more; else
+        closed (a transaction cut short by an error or a cancellation may have replies in
+        flight)."""
+        self._busy -= 1
+        self._release(conn, completed and conn.usable and conn.messages < self._max_messages)
 
     async def _acquire(self) -> UpstreamConnection:
         while True:

@@ -130,16 +130,22 @@ class Upstream:
         A reused connection that turns out to be dead at MAIL (the upstream closed
         it while idle) is not the upstream's fault: retry once on a fresh one.
         """
+        pool = self.pool
         for attempt in (1, 2):
-            async with self.pool.lease() as conn:
-                reused = conn.messages > 0
-                try:
-                    return await conn.send(
-                        mail_from, rcpts, body, smtputf8=smtputf8, body_8bit=body_8bit
-                    )
-                except UpstreamError as exc:
-                    if not (attempt == 1 and reused and exc.stage == "mail" and exc.code is None):
-                        raise
+            conn = await pool.acquire()
+            reused = conn.messages > 0
+            completed = False
+            try:
+                result = await conn.send(
+                    mail_from, rcpts, body, smtputf8=smtputf8, body_8bit=body_8bit
+                )
+                completed = True
+                return result
+            except UpstreamError as exc:
+                if not (attempt == 1 and reused and exc.stage == "mail" and exc.code is None):
+                    raise
+            finally:
+                pool.release(conn, completed=completed)
         raise AssertionError("unreachable")
 
     def update(
