@@ -4,8 +4,10 @@ An asyncio Protocol rather than a StreamReader, because the relay leg pipelines
 (RFC 2920): MAIL, every RCPT and DATA go out in one write, and their replies may
 come back in one segment or several. `replies(n)` waits, with one timer, until n
 complete replies are in and hands them out in order; replies that arrive before
-anyone asks are kept, never dropped. A reply is its code and its text lines joined
-by "\\n" (the continuation lines of a multi-line reply).
+anyone asks are kept, never dropped. The timeout is a deadline per `replies` call,
+watched by one timer per connection that is re-armed only when it fires (a timer
+per round trip was a visible share of the relay leg's CPU). A reply is its code and
+its text lines joined by "\\n" (the continuation lines of a multi-line reply).
 
 A broken wire is a `WireError` with a short reason ("connection lost", "timed out
 after 30s", "malformed reply"): connection.py turns it into an UpstreamError with the
@@ -45,6 +47,12 @@ class ReplyReader(asyncio.Protocol):
         self._broken: str | None = None
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
+        # One watchdog timer, not one per round trip: `replies` sets the deadline and arms
+        # the timer only if none is armed at or before it; when the timer fires for a
+        # deadline that has moved on, it re-arms for the current one.
+        self._deadline = 0.0
+        self._timeout_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -116,11 +124,16 @@ class ReplyReader(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             self._wanted = count
-            timer = loop.call_later(timeout_s, self._expire, waiter, timeout_s)
+            self._deadline = deadline = loop.time() + timeout_s
+            self._timeout_s = timeout_s
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._watch)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if len(self._ready) < count:
                 raise WireError(self._broken or "no reply", self._take(len(self._ready)))
@@ -155,9 +168,20 @@ class ReplyReader(asyncio.Protocol):
             self._broken = reason
             if self.transport is not None:
                 self.transport.close()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _expire(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
-        if not waiter.done():
-            self._break(f"timed out after {timeout_s:g}s")
+    def _watch(self) -> None:
+        """The watchdog fired: time out the waiting `replies`, or re-arm for its deadline."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._broken is not None:
+            return  # nobody waits: the next `replies` arms it again
+        loop = waiter.get_loop()
+        if loop.time() >= self._deadline:
+            self._break(f"timed out after {self._timeout_s:g}s")
+        else:
+            self._timer = loop.call_at(self._deadline, self._watch)
