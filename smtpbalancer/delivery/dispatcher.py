@@ -46,6 +46,11 @@ from smtpbalancer.upstream.selection import Outcome
 log = logging.getLogger(__name__)
 
 HOT_BODY_BUDGET = 64 * 1024 * 1024
+# Jobs taken in a row before `run` lets the loop turn. Taking a job suspends only when
+# every slot is busy; a backlog whose jobs all park (every upstream down) or finish at
+# once (a restart's recovered queue, a burst of due retries) would otherwise hold the
+# loop, and the SMTP front end with it, until the whole backlog was gone through.
+JOBS_PER_TURN = 64
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 
 
@@ -182,7 +187,11 @@ class Dispatcher:
         return results
 
     async def run(self) -> None:
+        taken = 0
         while True:
+            taken += 1
+            if taken % JOBS_PER_TURN == 0:
+                await asyncio.sleep(0)  # let the loop turn: see JOBS_PER_TURN
             await self._slots.acquire()
             try:
                 job = await self._scheduler.next()
