@@ -14,6 +14,7 @@ import pytest
 from support.raw import raw_server
 
 from smtpbalancer.errors import UpstreamError
+from smtpbalancer.replies import SendResult
 from smtpbalancer.upstream.connection import UpstreamConnection
 
 Rule = Callable[[bytes], bytes]
@@ -96,13 +97,19 @@ def connection(address: tuple[str, int], timeout_s: float = 2.0) -> UpstreamConn
 BODY = b"Subject: t\r\n\r\n.a line starting with a dot\r\nend\r\n"
 
 
-async def test_mail_every_rcpt_and_data_go_out_as_one_group_when_the_relay_pipelines() -> None:
-    relay = ScriptedRelay()
+async def one_transaction(relay: ScriptedRelay, rcpts: list[str]) -> SendResult:
+    """Open a connection to the scripted relay, send BODY to `rcpts` once, close."""
     async with raw_server(relay) as address:
         conn = connection(address)
         await conn.open()
-        result = await conn.send("a@s.test", ["b@r.test", "c@r.test"], BODY)
+        result = await conn.send("a@s.test", rcpts, BODY)
         await conn.close()
+    return result
+
+
+async def test_mail_every_rcpt_and_data_go_out_as_one_group_when_the_relay_pipelines() -> None:
+    relay = ScriptedRelay()
+    result = await one_transaction(relay, ["b@r.test", "c@r.test"])
     assert result.final.code == 250 and result.refused == {}
     assert result.queue_id == "ABC123"
     assert relay.groups == [
@@ -113,11 +120,7 @@ async def test_mail_every_rcpt_and_data_go_out_as_one_group_when_the_relay_pipel
 
 async def test_one_command_per_round_trip_when_the_relay_does_not_pipeline() -> None:
     relay = ScriptedRelay(pipelining=False)
-    async with raw_server(relay) as address:
-        conn = connection(address)
-        await conn.open()
-        result = await conn.send("a@s.test", ["b@r.test", "c@r.test"], BODY)
-        await conn.close()
+    result = await one_transaction(relay, ["b@r.test", "c@r.test"])
     assert result.final.code == 250
     assert relay.overlapped == 0
     assert [len(group) for group in relay.groups] == [1, 1, 1, 1]
@@ -129,11 +132,7 @@ async def test_a_refused_recipient_is_reported_and_the_rest_delivered(pipelining
         return b"550 5.1.1 No such user\r\n" if b"bad@" in line else b"250 2.1.5 Ok\r\n"
 
     relay = ScriptedRelay(pipelining=pipelining, rcpt=rcpt)
-    async with raw_server(relay) as address:
-        conn = connection(address)
-        await conn.open()
-        result = await conn.send("a@s.test", ["bad@r.test", "good@r.test"], BODY)
-        await conn.close()
+    result = await one_transaction(relay, ["bad@r.test", "good@r.test"])
     assert result.final.code == 250
     assert list(result.refused) == ["bad@r.test"]
     assert result.refused["bad@r.test"].line == "550 5.1.1 No such user"
@@ -193,11 +192,7 @@ async def test_a_421_inside_the_group_breaks_the_session_at_that_step() -> None:
 
 async def test_replies_that_arrive_one_byte_at_a_time_are_read_whole() -> None:
     relay = ScriptedRelay(trickle=True)
-    async with raw_server(relay) as address:
-        conn = connection(address)
-        await conn.open()
-        result = await conn.send("a@s.test", ["b@r.test", "c@r.test"], BODY)
-        await conn.close()
+    result = await one_transaction(relay, ["b@r.test", "c@r.test"])
     assert result.final.code == 250 and result.queue_id == "ABC123"
 
 
