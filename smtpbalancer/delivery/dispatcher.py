@@ -268,7 +268,7 @@ class Dispatcher:
             self._next_round(job, now)  # every eligible upstream deferred it this round
         else:
             self._scheduler.park(job)
-            self._arm_opening_timer()
+            self._arm_opening_timer(now)  # the instant nothing was eligible: see there
         return None
 
     def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
@@ -290,8 +290,16 @@ class Dispatcher:
         job.avoid = NO_AVOID
         self._scheduler.add(job, now + delay)
 
-    def _arm_opening_timer(self) -> None:
-        at = self._registry.next_opening(self._clock.monotonic())
+    def _arm_opening_timer(self, now: float) -> None:
+        """Unpark at the next opening after `now`.
+
+        A job parked by `_dispatch` passes the `now` its choice was made at, not a fresh
+        reading: a breaker that was still open then has its opening after that `now`, so
+        it gets a timer even if the open period ends while the job is being parked. (A
+        timer may fire a little early, e.g. uvloop's whole milliseconds; with a fresh
+        reading past the opening, next_opening left it out and the lot stayed parked.)
+        """
+        at = self._registry.next_opening(now)
         if at is None:
             return  # a probe is in flight; its outcome unparks or re-arms
         if self._opening is not None and self._opening_at <= at:
@@ -399,7 +407,7 @@ class Dispatcher:
             upstream.metrics.attempt_broken.inc()
         self._registry.record(pick, verdict.signal, verdict.reason)
         if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
-            self._arm_opening_timer()
+            self._arm_opening_timer(self._clock.monotonic())
         await self._settle(job, upstream, verdict, meta, body)
         return True
 
