@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 _mail_log = logging.getLogger("mail.log")  # aiosmtpd's logger, for its push() debug line
 
 PROXY_HEADER_TIMEOUT_S: Final = 10.0
-_END_OF_DATA: Final = b"\r\n.\r\n"
+END_OF_DATA: Final = b"\r\n.\r\n"
+DATA_GO_AHEAD: Final = "354 End data with <CR><LF>.<CR><LF>"
 
 
 class Guard(SMTP):
@@ -74,6 +75,8 @@ class Guard(SMTP):
         # fires, None when none is armed.
         self._deadline = 0.0
         self._armed_at: float | None = None
+        # True while the session's task waits for a command line (see fast_lane.py).
+        self.parked = False
 
     def __dir__(self) -> list[str]:
         return aiosmtpd_names(self)  # aiosmtpd's per-connection tables: see dispatch_names
@@ -177,54 +180,71 @@ class Guard(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(DATA_GO_AHEAD)
         try:
             wire, too_big = await self._read_body()
         except asyncio.CancelledError:
             log.info("smtp.data_connection_lost client=%s", session_ip(self.session))
             self._writer.close()
             raise
+        # Shielded: a client that hangs up while its message is being spooled must not
+        # cancel the hand-off half-way (stored, yet never scheduled for delivery).
+        await asyncio.shield(self.loop.create_task(self.answer_body(wire, too_big)))
+
+    async def answer_body(self, wire: bytes, too_big: bool) -> None:
+        """The end of DATA: 552 for a body over the limit, else dot removal, the DATA hook
+        (which spools the message) and its reply. Raises what the hook raises."""
+        assert self.envelope is not None
         if too_big:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push("552 Error: Too much mail data")
+            await self.answer("552 Error: Too much mail data")
             return
         content = wire.replace(b"\r\n.", b"\r\n")  # RFC 5321 §4.5.2: one leading dot goes
         if content.startswith(b"."):
             content = content[1:]
         self.envelope.content = content
         self.envelope.original_content = content
-        self._reset_timeout()  # the body is in; the spool write is not the client's time
+        if self.connected:
+            self._reset_timeout()  # the body is in; the spool write is not the client's time
         hook = self._data_hook
         status = MISSING if hook is None else await hook(self, self.session, self.envelope)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        await self.answer("250 OK" if status is MISSING else status)
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    async def answer(self, status: str) -> None:
+        """`push`, unless the client has gone: the reply to a body can outlive the session."""
+        if self.connected:
+            await self.push(status)
 
     async def _read_body(self) -> tuple[bytes, bool]:
         """The body as sent (dots still doubled, without the final "." line), and whether
-        it was over the size limit (then it was read to its end and dropped)."""
+        it was over the size limit (then it was read to its end and dropped).
+
+        The end is a line "." after a line end; the DATA command's own CRLF counts as one
+        (an empty body), so the search runs over CRLF + body: a CRLF is put in front of
+        what the reader holds, and taken off again with the body.
+        """
         reader: Any = self._reader  # asyncio has no API to widen the limit of one read
         limit = self.data_size_limit or 0
         saved = reader._limit
-        reader._limit = max(limit + len(_END_OF_DATA), saved)
-        too_big, parts = False, []
+        reader._limit = max(limit + len(END_OF_DATA) + 2, saved)
+        reader._buffer[:0] = b"\r\n"
+        too_big = False
         try:
-            first = await reader.readuntil(b"\r\n")
-            if first == b".\r\n":  # an empty body: the only end without a CRLF before it
-                return b"", False
-            parts.append(first)
             while True:
                 try:
-                    rest = await reader.readuntil(_END_OF_DATA)
+                    wire = await reader.readuntil(END_OF_DATA)
+                    break
                 except asyncio.LimitOverrunError as exc:  # over the limit: drop, keep reading
-                    too_big, parts = True, []
+                    too_big = True  # (`consumed` leaves what could start the end)
                     await reader.readexactly(exc.consumed)
-                    continue
-                if not too_big:
-                    parts.append(rest[:-3])  # keep the CRLF that ends the last line
-                break
         finally:
             reader._limit = saved
-        body = b"".join(parts)
+        body = b"" if too_big else wire[2:-3]  # without the CRLF put in front and ".CRLF"
         return body, too_big or (limit > 0 and len(body) > limit)
 
     async def _handle_client(self) -> None:
@@ -262,11 +282,15 @@ class Guard(SMTP):
 
     async def _command_line(self) -> bytes | str:
         """One command line without its CRLF, or the reply that refuses it."""
+        self.parked = True
         try:
             line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as error:
+            self.parked = False
             await self._discard_line(error.consumed)
             return replies.COMMAND_TOO_LONG.line
+        finally:
+            self.parked = False
         assert self.session is not None
         refusal = hardening.command_refusal(line, extended=bool(self.session.extended_smtp))
         if refusal is not None:

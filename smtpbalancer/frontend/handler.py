@@ -154,6 +154,12 @@ class Handler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        return self.mail(server, session, envelope, address, options)
+
+    def mail(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        """The MAIL hook's work, synchronous: the front end's fast lane calls it directly."""
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
         client_ip = admission.session_ip(session)
@@ -187,6 +193,12 @@ class Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        return self.rcpt(server, session, envelope, address, options)
+
+    def rcpt(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        """The RCPT hook's work, synchronous (see `mail`)."""
         if admission.has_control_chars(address):
             return replies.BAD_ADDRESS.line
         client_ip = admission.session_ip(session)

@@ -1,6 +1,8 @@
 """The SMTP listener: sessions, the connection limits, enhanced status codes, drain.
 
-aiosmtpd does the protocol; this module owns the socket and the session set.
+aiosmtpd does the protocol (guard.py bounds it, and fast_lane.py answers a plain
+transaction's lines without its task switches); this module owns the socket and the
+session set.
 - A connection over `max_connections` gets one 421 4.7.0 line and is closed
   (RFC 5321 §3.8), and so does one over `max_connections_per_client` from the
   same IP address; that check needs the peer address, so it happens in
@@ -32,7 +34,8 @@ from smtpbalancer.clock import Clock
 from smtpbalancer.config import ServerConfig
 from smtpbalancer.frontend import admission, commands
 from smtpbalancer.frontend.auth import tls_active
-from smtpbalancer.frontend.guard import Guard, count_rejection, say_and_close
+from smtpbalancer.frontend.fast_lane import FastLane
+from smtpbalancer.frontend.guard import count_rejection, say_and_close
 from smtpbalancer.frontend.handler import Handler
 from smtpbalancer.replies import Reply
 
@@ -72,7 +75,7 @@ def with_enhanced_status(line: str, cache: dict[str, str] = {}) -> str:  # noqa:
     return out
 
 
-class _Session(Guard):
+class _Session(FastLane):
     def __init__(self, handler: Handler, frontend: FrontEnd, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._handler = handler
@@ -80,7 +83,6 @@ class _Session(Guard):
         self._plain_push = False
         self._client: str | None = None  # IP counted against max_connections_per_client
         self._admitted = False  # False = refused at connect: aiosmtpd never saw it
-        self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the STARTTLS re-entry
@@ -123,16 +125,6 @@ class _Session(Guard):
             return found.group(1), found.group(2)
         result: tuple[str | None, str | None] = super()._getaddr(arg)
         return result
-
-    def _plain_command_allowed(self) -> bool:
-        """The session state in which aiosmtpd's MAIL and RCPT go on to parse the line."""
-        session = self.session
-        return (
-            session is not None
-            and bool(session.host_name)
-            and not self._auth_required
-            and self.envelope is not None
-        )
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         # aiosmtpd's MAIL for the common line, with the same replies and envelope changes

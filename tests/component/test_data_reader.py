@@ -1,6 +1,7 @@
 """The DATA body as the front end reads it: in one piece, with SMTP's framing rules intact.
 
-Dots doubled by the client come off, the end is exactly CRLF "." CRLF, what a client
+Dots doubled by the client come off, the end is exactly CRLF "." CRLF (the DATA line's
+own CRLF counts, so a one-line body ends at the next "." line), what a client
 pipelines after the end is the next command, an oversized body is read to its end and
 refused with 552 (the session goes on), and an overlong line is refused with 500.
 """
@@ -16,6 +17,13 @@ from support.raw import RawClient
 from support.waiting import wait_until
 
 from smtpbalancer.app import App
+from smtpbalancer.frontend.fast_lane import FastLane
+
+
+@pytest.fixture(params=["fast lane", "session task"], autouse=True)
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs twice: bodies read by the fast lane, and by the session's task."""
+    monkeypatch.setattr(FastLane, "enabled", request.param == "fast lane")
 
 
 @pytest.fixture
@@ -53,6 +61,20 @@ async def test_doubled_dots_come_off_and_a_dot_inside_a_line_stays(app: App) -> 
     await client.close()
     await wait_until(lambda: len(delivered(app)) == 1)
     assert delivered(app) == [b".first\r\nSubject: x\r\n\r\n.\r\nmid.dle\r\n..two\r\n"]
+
+
+async def test_a_one_line_body_ends_at_the_dot_line_after_it(app: App) -> None:
+    client = await RawClient.open(app.smtp_address)
+    assert (await client.command(b"EHLO client.test")).startswith("250")
+    await transaction(client)
+    await client.send(b"hello\r\n.\r\n")
+    assert (await client.reply(timeout=2)).startswith("250 2.0.0")
+    await transaction(client)
+    await client.send(b"\r\n.\r\n")  # one empty line
+    assert (await client.reply(timeout=2)).startswith("250 2.0.0")
+    await client.close()
+    await wait_until(lambda: len(delivered(app)) == 2)
+    assert delivered(app) == [b"hello\r\n", b"\r\n"]
 
 
 async def test_pipelined_commands_after_the_end_are_the_next_commands(app: App) -> None:

@@ -1,0 +1,270 @@
+"""The fast lane: a plain transaction's MAIL, RCPT, DATA and body, without a task switch.
+
+aiosmtpd runs each session as one task that awaits its StreamReader for every
+command line and for the body: five task wake-ups per message, each resuming a
+stack of coroutine frames, the largest share of the front end's CPU. The lane
+serves the same lines from `data_received`, synchronously, whenever the session's
+task is parked waiting for a command line and nothing is queued in the reader
+ahead of the new bytes. It gives the same replies and makes the same envelope
+changes as the task would, with the same checks in the same order:
+
+- guard.py's line discipline (`hardening.command_refusal`), verb and argument
+  decoding, the STARTTLS requirement, and the idle timer;
+- MAIL and RCPT: only the lines and session states in which server.py's own
+  shortcut (commands.py) would answer, through the handler's synchronous hooks;
+- DATA: only in a session that may send it (EHLO seen, no AUTH required, a
+  recipient given, no argument); then 354, the `data_timeout`, and the body
+  collected here until CRLF "." CRLF, exactly as `Guard._read_body` frames it.
+
+The end of a body starts one task (`Guard.answer_body`: the DATA hook spools the
+message and answers 250 once it is durable). Bytes that arrive meanwhile are
+held, and served in order after that reply. Anything the lane does not take (any
+other command, a line the shortcuts would refuse or hand to aiosmtpd, a partial
+line, a reply that did not fit the socket buffer) goes to the StreamReader from
+that byte on, and the task answers it as before; the lane opens again once the
+task waits for a line with nothing buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar, Final, cast
+
+from smtpbalancer.frontend import commands, hardening
+from smtpbalancer.frontend.admission import session_ip
+from smtpbalancer.frontend.guard import DATA_GO_AHEAD, END_OF_DATA, Guard
+from smtpbalancer.frontend.handler import Handler
+
+log = logging.getLogger(__name__)
+_mail_log = logging.getLogger("mail.log")  # aiosmtpd's: when it logs, the task must answer
+
+# Bytes that arrive while a body is being spooled are held, up to this much before the
+# socket stops being read (a client may pipeline its next commands after the body).
+HELD_MAX: Final = 64 * 1024
+_CRLF: Final = b"\r\n"
+_END: Final = len(END_OF_DATA)
+
+
+class FastLane(Guard):
+    enabled: ClassVar[bool] = True  # tests turn the lane off to compare with the task
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._hooks = handler
+        self.in_data = False  # between DATA and the reply to the body
+        self._body: Body | None = None
+        self._finishing: asyncio.Task[None] | None = None
+        self._held = b""
+        self._reading_paused = False
+
+    def _plain_command_allowed(self) -> bool:
+        """The session state in which aiosmtpd's MAIL, RCPT and DATA go on to their work."""
+        session = self.session
+        return (
+            session is not None
+            and bool(session.host_name)
+            and not self._auth_required
+            and self.envelope is not None
+        )
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        while data:
+            if self._body is not None:
+                data = self._take_body(data)
+            elif self._finishing is not None:
+                self._hold(data)
+                return
+            elif self._lane_open():
+                served = self._serve(data)
+                if not served:
+                    break
+                data = data[served:]
+            else:
+                break
+        if data:
+            super().data_received(data)
+
+    def _lane_open(self) -> bool:
+        if not self.parked or not self.enabled:  # (a refused connection has no reader)
+            return False
+        reader: Any = self._reader
+        return (
+            not reader._buffer
+            and self.connected
+            and self._tls_handshake_okay
+            and not (self.require_starttls and not self._tls_protocol)
+            and not _mail_log.isEnabledFor(logging.INFO)
+        )
+
+    # --- command lines ------------------------------------------------------------------
+
+    def _serve(self, data: bytes) -> int:
+        """Answer the complete lines at the start of `data`; how many bytes were taken."""
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0 or not self._serve_line(data[start : end + 1]):
+                return start
+            start = end + 1
+            if self._body is not None or self._backlogged():
+                return start
+
+    def _serve_line(self, line: bytes) -> bool:
+        """Answer one command line (CRLF included), or leave it to the task: False."""
+        session = self.session
+        if session is None or not self._plain_command_allowed():
+            return False
+        if hardening.command_refusal(line, extended=bool(session.extended_smtp)) is not None:
+            return False
+        verb, _, arg_bytes = line[:-2].partition(b" ")
+        verb = verb.upper()
+        if verb == b"DATA":
+            return self._data_line(arg_bytes)
+        if verb != b"MAIL" and verb != b"RCPT":
+            return False
+        if not arg_bytes or (not self.enable_SMTPUTF8 and not arg_bytes.isascii()):
+            return False
+        arg = arg_bytes.strip().decode("utf-8", "surrogateescape")
+        return self._mail_line(arg) if verb == b"MAIL" else self._rcpt_line(arg)
+
+    def _mail_line(self, arg: str) -> bool:
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        if self._decode_data or envelope.mail_from:
+            return False
+        parsed = commands.simple_mail(
+            arg,
+            extended=bool(session.extended_smtp),
+            size_limit=self.data_size_limit,
+            smtputf8_enabled=self.enable_SMTPUTF8,
+        )
+        if parsed is None:
+            return False
+        address, options, smtputf8 = parsed
+        self._reset_timeout()
+        envelope.smtp_utf8 = smtputf8
+        self._say(self._hooks.mail(self, session, envelope, address, options))
+        return True
+
+    def _rcpt_line(self, arg: str) -> bool:
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        if not envelope.mail_from:
+            return False
+        address = commands.simple_rcpt(arg)
+        if address is None:
+            return False
+        self._reset_timeout()
+        self._say(self._hooks.rcpt(self, session, envelope, address, []))
+        return True
+
+    def _data_line(self, arg_bytes: bytes) -> bool:
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos or arg_bytes.strip():
+            return False
+        self._reset_timeout()
+        self._reset_timeout(self._guard.data_timeout_s)
+        self.in_data = True
+        self._say(DATA_GO_AHEAD)
+        self._body = Body(self.data_size_limit or 0)
+        return True
+
+    def _say(self, status: str) -> None:
+        """Guard.push without the coroutine: the lane stops when the socket buffer fills."""
+        line = self.reply_line(status)
+        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + _CRLF
+        cast(asyncio.WriteTransport, self.transport).write(data)
+
+    def _backlogged(self) -> bool:
+        """Replies wait in our write buffer: the task takes over, and waits for the drain."""
+        return bool(cast(asyncio.WriteTransport, self.transport).get_write_buffer_size())
+
+    # --- the body -----------------------------------------------------------------------
+
+    def _take_body(self, data: bytes) -> bytes:
+        """Collect body bytes; once the end is in, start its answer. Returns what follows."""
+        body = self._body
+        assert body is not None
+        done = body.take(data)
+        if done is None:
+            return b""
+        wire, rest = done
+        self._body = None
+        self._finishing = self.loop.create_task(self._finish(wire, body.too_big))
+        return rest
+
+    async def _finish(self, wire: bytes, too_big: bool) -> None:
+        try:
+            try:
+                await self.answer_body(wire, too_big)
+            except ConnectionError:
+                pass  # the client has gone; the message, if spooled, is on its way
+            except Exception as error:  # the task's contract (Guard._handle_client): say it
+                await self.answer(await self._describe(error))
+        except ConnectionError:
+            pass
+        finally:
+            self.in_data = False
+            self._finishing = None
+        if not self.connected:
+            log.debug("smtp.reply_after_close client=%s", session_ip(self.session))
+            return
+        self._reset_timeout()
+        held, self._held = self._held, b""
+        if self._reading_paused:
+            self._reading_paused = False
+            cast(asyncio.ReadTransport, self.transport).resume_reading()
+        if held:
+            self.data_received(held)
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) > HELD_MAX and not self._reading_paused:
+            self._reading_paused = True
+            cast(asyncio.ReadTransport, self.transport).pause_reading()
+
+
+class Body:
+    """A DATA body arriving in pieces: where it ends, and whether it is over the limit.
+
+    The end is a line "." after a line end, and the DATA command's own CRLF counts as
+    one (an empty body), so the search runs over CRLF + body, as in `Guard._read_body`.
+    Over `limit` octets (0: none) the body is dropped as it comes, keeping only enough
+    to find the end.
+    """
+
+    __slots__ = ("_limit", "_seen", "too_big")
+
+    def __init__(self, limit: int) -> None:
+        self._seen = bytearray(_CRLF)
+        self._limit = limit
+        self.too_big = False
+
+    def take(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """(the body as sent, the bytes after its end) once the end is in; else None."""
+        seen = self._seen
+        if len(seen) == 2 and not self.too_big:  # nothing yet: look in `data` itself
+            if data.startswith(b".\r\n"):
+                return b"", data[3:]
+            end = data.find(END_OF_DATA)
+            if end >= 0:
+                self.too_big = 0 < self._limit < end + 2
+                return (b"" if self.too_big else data[: end + 2]), data[end + _END :]
+        start = max(len(seen) - _END + 1, 0)
+        seen += data
+        end = seen.find(END_OF_DATA, start)
+        if end >= 0:
+            size = end  # seen[2 : end + 2]
+            if 0 < self._limit < size:
+                self.too_big = True
+            body = b"" if self.too_big else bytes(seen[2 : end + 2])
+            return body, bytes(seen[end + _END :])
+        if self._limit and len(seen) - 2 > self._limit:
+            self.too_big = True
+        if self.too_big:
+            del seen[: -(_END - 1)]  # what could still start the end
+        return None
