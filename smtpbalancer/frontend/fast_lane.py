@@ -43,11 +43,18 @@ _mail_log = logging.getLogger("mail.log")  # aiosmtpd's: when it logs, the task 
 # socket stops being read (a client may pipeline its next commands after the body).
 HELD_MAX: Final = 64 * 1024
 _CRLF: Final = b"\r\n"
+_POSITIVE_MAX: Final = 64
 _END: Final = len(END_OF_DATA)
 
 
 class FastLane(Guard):
     enabled: ClassVar[bool] = True  # tests turn the lane off to compare with the task
+    # status -> wire form of a 2xx/3xx reply, per class: reply_line is a class's own (_say)
+    _positive: ClassVar[dict[str, bytes]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._positive = {}
 
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -174,9 +181,17 @@ class FastLane(Guard):
         return True
 
     def _say(self, status: str) -> None:
-        """Guard.push without the coroutine: the lane stops when the socket buffer fills."""
-        line = self.reply_line(status)
-        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + _CRLF
+        """Guard.push without the coroutine: the lane stops when the socket buffer fills.
+
+        The wire form of a positive reply (a handful of constant lines) is kept; refusals
+        always go through `reply_line`, which counts them."""
+        known = self._positive
+        data = known.get(status)
+        if data is None:
+            line = self.reply_line(status)
+            data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + _CRLF
+            if status[:1] in "23" and line.isascii() and len(known) < _POSITIVE_MAX:
+                known[status] = data
         cast(asyncio.WriteTransport, self.transport).write(data)
 
     def _backlogged(self) -> bool:
