@@ -141,20 +141,62 @@ _TEMPLATE_WORD = re.compile(
 )
 _TEMPLATES_MAX: Final = 1024  # format strings are code constants; this only bounds a misuse
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+# What _ENCODER does to a str (its C encoder calls this very function): no \u escapes.
+_encode_str: Final = json.encoder.encode_basestring
 
+_MILLIS: Final = tuple(f"{ms:03d}" for ms in range(1000))
 # (field name, value format, whether it takes an arg) per key=value word of a format string
 _Part = tuple[str, str, bool]
+# A value the fast path writes as a JSON string: one `fields` takes (no leading quote, no space)
+# and `_scalar` leaves a str (no True or False, no number: `_NUMBER` is `_FLOAT` made possessive,
+# the same words without the backtracking), and no DEL, which str.isprintable refuses.
+_NUMBER: Final = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][-+]?+\d++)?+"
+_STRING_VALUE: Final = rf"(?!(?:True|False|{_NUMBER})(?: |\Z))(?!['\"])[^ \x7f]*"
+_INT_VALUE: Final = r"(?:0|-?[1-9][0-9]*)"  # what %d writes and int() gives back unchanged
 
 
 class _Template:
-    """A format string made only of key=value words, compiled once (see the module docstring)."""
+    """A format string made only of key=value words, compiled once (see the module docstring).
 
-    __slots__ = ("event", "nargs", "parts")
+    `fields` gives the fields from the args. The fast path does without them: `check` is a
+    regex the formatted message matches only when every value is one plain word that `fields`
+    would keep as a str (or, for a bare %d, an int), and `layout % args` then writes the JSON
+    members from "event" on, as the encoder would for `fields(args)`. The caller checks the
+    rest: the message is printable and needs no JSON escapes, so each value is its JSON text.
+    """
 
-    def __init__(self, event: str, parts: tuple[_Part, ...]) -> None:
+    __slots__ = ("event", "fast", "nargs", "parts")
+
+    def __init__(self, event: str, parts: tuple[_Part, ...], keys: tuple[str, ...]) -> None:
         self.event = event
-        self.parts = parts
+        self.parts = parts  # `keys` are their names as the message writes them
         self.nargs = sum(takes for _, _, takes in parts)
+        self.fast = self._fast(event, parts, keys)
+
+    @staticmethod
+    def _fast(
+        event: str, parts: tuple[_Part, ...], keys: tuple[str, ...]
+    ) -> tuple[re.Pattern[str], str] | None:
+        """(check, layout), or None where only `fields` can tell."""
+        if len({name for name, _, _ in parts}) != len(parts):
+            return None  # a repeated name keeps its first place and its last value: the dict's
+        check, layout = [re.escape(event)], [f'"event": {_encode_str(event)}']
+        for (name, fmt, takes), key in zip(parts, keys, strict=True):
+            member = f", {_encode_str(name)}: "
+            if not takes:  # a constant: checked here, once
+                if fmt[:1] in ("'", '"') or " " in fmt or not fmt.isprintable():
+                    return None  # `fields` never takes it
+                check.append(re.escape(f" {key}={fmt}"))
+                layout.append(member + _ENCODER.encode(_scalar(fmt)))  # holds no %
+            elif fmt == "%r":
+                return None  # the value is the str, not the repr the message shows
+            elif fmt == "%d":
+                check.append(f" {key}={_INT_VALUE}")
+                layout.append(member + fmt)
+            else:
+                check.append(f" {key}={_STRING_VALUE}")
+                layout.append(f'{member}"{fmt}"')
+        return re.compile("".join(check)), "".join(layout)
 
     @classmethod
     def compile(cls, msg: str) -> _Template | None:
@@ -162,13 +204,15 @@ class _Template:
         if _EVENT.fullmatch(head) is None or (not rest and "." not in head):
             return None
         parts: list[_Part] = []
+        keys: list[str] = []
         for word in rest.split(" ") if rest else ():
             found = _TEMPLATE_WORD.fullmatch(word)
             if found is None:
                 return None  # prose, an arrow, a double space: the general parser
             name, fmt = found.groups()
             parts.append((f"{name}_" if name in _RESERVED else name, fmt, "%" in fmt))
-        return cls(head, tuple(parts))
+            keys.append(name)
+        return cls(head, tuple(parts), tuple(keys))
 
     def fields(self, args: tuple[object, ...]) -> dict[str, Scalar] | None:
         """What `parse_message` would make of the formatted message, or None when a value
@@ -208,8 +252,36 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._templates: dict[str, _Template | None] = {}
         self._second: tuple[int, str] = (-1, "")  # a whole second and its RFC 3339 text
+        self._ts_head: tuple[int, str] = (-1, "")  # a second and `{"ts": "` + its text + `.`
+        # `"level": ..., "logger": ..., ` per level name, per logger name
+        self._envelopes: dict[str, dict[str, str]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        if (
+            type(msg) is str
+            and type(args) is tuple
+            and args
+            and not (record.exc_info or record.exc_text or record.stack_info)
+        ):
+            try:
+                template = self._templates[msg]
+            except KeyError:
+                template = self._compile(msg)
+            if template is not None and template.fast is not None:
+                text = record.getMessage()
+                message = _encode_str(text)
+                check, layout = template.fast
+                if (
+                    len(message) == len(text) + 2  # nothing escaped: no quote, \\ or control
+                    and (text.isascii() or text.isprintable())  # the check refuses DEL
+                    and check.fullmatch(text)
+                ):
+                    return f'{self._head(record)}{layout % args}, "message": {message}}}'
+        return self._document(record)
+
+    def _document(self, record: logging.LogRecord) -> str:
+        """The general path: a dict of whatever the record holds, through the encoder."""
         text = record.getMessage()
         event, fields = self._parse(record, text)
         doc: dict[str, object] = {
@@ -229,20 +301,44 @@ class JsonFormatter(logging.Formatter):
             doc["stack"] = self.formatStack(record.stack_info)
         return _ENCODER.encode(doc)
 
+    def _compile(self, msg: str) -> _Template | None:
+        template = _Template.compile(msg)
+        if len(self._templates) < _TEMPLATES_MAX:
+            self._templates[msg] = template
+        return template
+
     def _parse(self, record: logging.LogRecord, text: str) -> tuple[str | None, dict[str, Scalar]]:
         msg, args = record.msg, record.args
         if type(msg) is str and type(args) is tuple and args:
             try:
                 template = self._templates[msg]
             except KeyError:
-                template = _Template.compile(msg)
-                if len(self._templates) < _TEMPLATES_MAX:
-                    self._templates[msg] = template
+                template = self._compile(msg)
             if template is not None:
                 fields = template.fields(args)
                 if fields is not None:
                     return template.event, fields
         return parse_message(text)
+
+    def _head(self, record: logging.LogRecord) -> str:
+        """`{"ts": ..., "level": ..., "logger": ..., ` as the encoder writes them."""
+        micros = round(record.created * 1_000_000)  # as in _timestamp
+        second, ts_head = self._ts_head
+        if micros // 1_000_000 != second:
+            ts_head = f'{{"ts": "{self._timestamp(record.created)[:-4]}'
+            self._ts_head = (micros // 1_000_000, ts_head)
+        try:
+            envelope = self._envelopes[record.levelname][record.name]
+        except KeyError:
+            envelope = self._envelope(record.levelname, record.name)
+        return f'{ts_head}{_MILLIS[micros % 1_000_000 // 1000]}Z", {envelope}'
+
+    def _envelope(self, levelname: str, name: str) -> str:
+        envelope = _ENCODER.encode({"level": levelname, "logger": name})[1:-1] + ", "
+        by_name = self._envelopes.setdefault(levelname, {})
+        if len(by_name) < _TEMPLATES_MAX:
+            by_name[name] = envelope
+        return envelope
 
     def _timestamp(self, created: float) -> str:
         """RFC 3339 in UTC with milliseconds (truncated, like datetime.isoformat)."""
