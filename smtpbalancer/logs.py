@@ -360,6 +360,11 @@ class TurnHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self._waiting: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # where a flush is scheduled
+        # Handler.acquire and release, without their two calls a turn; the lock stays this
+        # object (a fork re-initialises it in place).
+        assert self.lock is not None
+        self._lock = self.lock
+        self._flush_soon = self._flush_turn  # bound once, not once a turn
 
     def emit(self, record: logging.LogRecord) -> None:
         # Handler.handle holds self.lock around this call.
@@ -376,34 +381,30 @@ class TurnHandler(logging.StreamHandler[TextIO]):
             self._write_waiting()
         elif self._loop is None:
             self._loop = loop
-            loop.call_soon(self._flush_turn)
+            loop.call_soon(self._flush_soon)
         elif len(self._waiting) >= self.MAX_WAITING:
             self._write_waiting()
 
     def flush(self) -> None:
-        self.acquire()
-        try:
+        with self._lock:
             self._write_waiting()
-        finally:
-            self.release()
 
     def _flush_turn(self) -> None:
-        self.acquire()
-        try:
+        with self._lock:
             self._loop = None
             self._write_waiting()
-        finally:
-            self.release()
 
     def _write_waiting(self) -> None:
+        stream = self.stream
         if self._waiting:
             text = "".join(self._waiting)
             self._waiting.clear()
             try:
-                self.stream.write(text)
+                stream.write(text)
             except Exception:  # a closed or broken stderr must not break the caller
                 return
-        super().flush()
+        if stream and hasattr(stream, "flush"):  # StreamHandler.flush, under the lock we hold
+            stream.flush()
 
 
 def configure(level: str, fmt: str) -> None:
