@@ -22,13 +22,18 @@ Nothing here decides *what* is logged: bodies and AUTH data never reach a log
 call in the first place (see frontend/auth.py).
 
 Cost (one INFO line per delivered message, on the event loop): a format string
-made only of `key=%s`-style words is compiled once into a template, and a
-record whose values are single words takes its fields straight from its args
-instead of re-parsing the formatted text; anything else (quoted or spaced
-values, arrows, prose) goes through `parse_message`, and both give the same
-fields. The timestamp's date and time are formatted once per second.
-`configure` turns off what no format here prints: caller lookup, thread and
-process names.
+made only of `key=%s`-style words is compiled once into a template. When the
+formatted message shows each value as a plain word that stays a string (or a
+%d's number), which a regex compiled with the template tells, `layout % args`
+writes the JSON members: no dict, no encoder. Otherwise a record whose values
+are single words takes its fields straight from its args instead of
+re-parsing the formatted text, and anything else (quoted or spaced values,
+arrows, prose) goes through `parse_message`; all three write the same bytes
+(tests/unit/test_logs_equivalence.py). The timestamp's date and time are
+formatted once per second, the level and logger once per pair. `configure`
+turns off what no format here prints: caller lookup, thread and process names;
+on Python 3.11 it also installs `_record`, which builds the same LogRecord
+without the file-name work that lookup being off leaves pointless.
 
 Writes: on an event loop's thread, the lines of one loop turn go to stderr in one
 write (`TurnHandler`), flushed by a callback the first line of the turn schedules,
@@ -47,6 +52,8 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Final, TextIO
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -269,7 +276,7 @@ class JsonFormatter(logging.Formatter):
             except KeyError:
                 template = self._compile(msg)
             if template is not None and template.fast is not None:
-                text = record.getMessage()
+                text = record.getMessage()  # first: where it raises, it raises first
                 message = _encode_str(text)
                 check, layout = template.fast
                 if (
@@ -407,6 +414,69 @@ class TurnHandler(logging.StreamHandler[TextIO]):
             stream.flush()
 
 
+_UNKNOWN_FILE: Final = "(unknown file)"  # Logger._log's pathname when it does not look
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _record(
+    name: str,
+    level: int,
+    fn: str,
+    lno: int,
+    msg: object,
+    args: tuple[object, ...] | Mapping[str, object] | None,
+    exc_info: _ExcInfo | None,
+    func: str | None = None,
+    sinfo: str | None = None,
+    **kwargs: object,
+) -> logging.LogRecord:
+    """`logging.LogRecord(...)` as Python 3.11 builds it, without what `configure` turned off.
+
+    A LogRecord spends half its time on os.path.basename and splitext of `fn`, which after
+    `configure` is always "(unknown file)", and on the checks for threads and processes.
+    This sets the same attributes in the same order on a plain LogRecord, and leaves every
+    other case (a real path, a lone mapping as args, threads or processes turned back on) to
+    LogRecord itself. `configure` installs it on 3.11 only, whose LogRecord.__init__ it
+    follows line by line (tests/unit/test_logs_record.py compares the two).
+    """
+    if (
+        fn != _UNKNOWN_FILE
+        or kwargs
+        or logging.logThreads
+        or logging.logProcesses
+        or logging.logMultiprocessing
+        or not isinstance(args, tuple)
+        or (len(args) == 1 and isinstance(args[0], Mapping) and args[0])  # args = args[0]
+    ):
+        return logging.LogRecord(name, level, fn, lno, msg, args, exc_info, func, sinfo)
+    ct = time.time()  # noqa: TID251 -- LogRecord's own clock, not ours to inject
+    record = _new_record(logging.LogRecord)
+    record.name = name
+    record.msg = msg
+    record.args = args
+    record.levelname = logging.getLevelName(level)
+    record.levelno = level
+    record.pathname = fn
+    record.filename = fn  # os.path.basename(fn)
+    record.module = fn  # os.path.splitext(record.filename)[0]
+    record.exc_info = exc_info
+    record.exc_text = None
+    record.stack_info = sinfo
+    record.lineno = lno
+    record.funcName = func  # type: ignore[assignment]  # LogRecord's own None default
+    record.created = ct
+    record.msecs = int((ct - int(ct)) * 1000) + 0.0
+    record.relativeCreated = (ct - logging._startTime) * 1000  # type: ignore[attr-defined]
+    record.thread = None
+    record.threadName = None
+    record.processName = None
+    record.process = None
+    return record
+
+
+_new_record: Final = logging.LogRecord.__new__
+
+
 def configure(level: str, fmt: str) -> None:
     """Send every log record to stderr in `fmt` ("json" or "text") at `level` and above."""
     handler = TurnHandler(sys.stderr)
@@ -423,3 +493,5 @@ def configure(level: str, fmt: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    if sys.version_info[:2] == (3, 11) and logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(_record)  # the same records, for half the work

@@ -180,7 +180,7 @@ def make_record(
     msg: object, args: object, *, name: str, level: int, created: float
 ) -> logging.LogRecord:
     record = logging.LogRecord(name, level, "(unknown file)", 0, msg, None, None)
-    record.args = args  # as given: LogRecord would turn a lone mapping into the args
+    record.args = args  # type: ignore[assignment]  # as given, even a lone mapping
     record.created = created
     return record
 
