@@ -154,11 +154,12 @@ _encode_str: Final = json.encoder.encode_basestring
 _MILLIS: Final = tuple(f"{ms:03d}" for ms in range(1000))
 # (field name, value format, whether it takes an arg) per key=value word of a format string
 _Part = tuple[str, str, bool]
-# A value the fast path writes as a JSON string: one `fields` takes (no leading quote, no space)
-# and `_scalar` leaves a str (no True or False, no number: `_NUMBER` is `_FLOAT` made possessive,
-# the same words without the backtracking), and no DEL, which str.isprintable refuses.
+# A value the fast path writes as a JSON string as it stands: one `fields` takes (no leading
+# quote, no space) and `_scalar` leaves a str (no True or False, no number: `_NUMBER` is `_FLOAT`
+# made possessive, the same words without the backtracking), with nothing JSON would escape
+# (quote, backslash, control characters) and no DEL, which str.isprintable refuses.
 _NUMBER: Final = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][-+]?+\d++)?+"
-_STRING_VALUE: Final = rf"(?!(?:True|False|{_NUMBER})(?: |\Z))(?!['\"])[^ \x7f]*"
+_STRING_VALUE: Final = rf"(?!(?:True|False|{_NUMBER})(?: |\Z))(?!['\"])[^ \"\\\x00-\x1f\x7f]*+"
 _INT_VALUE: Final = r"(?:0|-?[1-9][0-9]*)"  # what %d writes and int() gives back unchanged
 
 
@@ -168,8 +169,9 @@ class _Template:
     `fields` gives the fields from the args. The fast path does without them: `check` is a
     regex the formatted message matches only when every value is one plain word that `fields`
     would keep as a str (or, for a bare %d, an int), and `layout % args` then writes the JSON
-    members from "event" on, as the encoder would for `fields(args)`. The caller checks the
-    rest: the message is printable and needs no JSON escapes, so each value is its JSON text.
+    members from "event" on, as the encoder would for `fields(args)`. As the check refuses in
+    values what JSON escapes, each value and the message are their own JSON text once the caller
+    has checked that a non-ASCII message is printable.
     """
 
     __slots__ = ("event", "fast", "nargs", "parts")
@@ -193,6 +195,8 @@ class _Template:
             if not takes:  # a constant: checked here, once
                 if fmt[:1] in ("'", '"') or " " in fmt or not fmt.isprintable():
                     return None  # `fields` never takes it
+                if '"' in fmt or "\\" in fmt:
+                    return None  # the message's JSON would escape it
                 check.append(re.escape(f" {key}={fmt}"))
                 layout.append(member + _ENCODER.encode(_scalar(fmt)))  # holds no %
             elif fmt == "%r":
@@ -276,15 +280,13 @@ class JsonFormatter(logging.Formatter):
             except KeyError:
                 template = self._compile(msg)
             if template is not None and template.fast is not None:
-                text = record.getMessage()  # first: where it raises, it raises first
-                message = _encode_str(text)
+                # LogRecord.getMessage, inline; first, so that where it raises, it raises first
+                text = msg % args if type(record) is logging.LogRecord else record.getMessage()
                 check, layout = template.fast
-                if (
-                    len(message) == len(text) + 2  # nothing escaped: no quote, \\ or control
-                    and (text.isascii() or text.isprintable())  # the check refuses DEL
-                    and check.fullmatch(text)
-                ):
-                    return f'{self._head(record)}{layout % args}, "message": {message}}}'
+                # The check refuses, in values, what JSON escapes and DEL, and the rest of the
+                # text has none: an ASCII text it takes is printable and its own JSON string.
+                if (text.isascii() or text.isprintable()) and check.fullmatch(text):
+                    return f'{self._head(record)}{layout % args}, "message": "{text}"}}'
         return self._document(record)
 
     def _document(self, record: logging.LogRecord) -> str:

@@ -56,6 +56,7 @@ VALUES: list[object] = [
     "nl\n",
     "\r",
     "\x00",
+    "\x1f",
     "\x7f",
     "\x1b[31m",
     "é",
@@ -163,6 +164,8 @@ MADE_UP_FORMATS = [
     "x.y a=%s action=",
     "x.y a=%s n=5 f=1e3 t=True q='x'",
     "x.y a=%s x=é",
+    'x.y a=%s x=say"hi" y=%s',
+    "x.y a=%s x=C:\\dir y=%s",
     "x.y a=%s  b=%s",
     "x.y a=%s %s->%s",
     "x.y a=%s reason=%s",
@@ -259,7 +262,7 @@ def plain_args(msg: str) -> tuple[object, ...]:
 @pytest.mark.parametrize("msg", call_site_formats() + MADE_UP_FORMATS)
 def test_plain_values_take_the_fast_path(msg: str) -> None:
     """Where `fields` takes the values and has a str for each (an int for a bare %d), and no
-    repeated name or %r needs the dict, the fast path writes the line."""
+    repeated name, %r or escaped constant needs the dict, the fast path writes the line."""
     formatter = Counting()
     args = plain_args(msg)
     record = make_record(msg, args, name="x", level=logging.INFO, created=1.0)
@@ -273,6 +276,8 @@ def test_plain_values_take_the_fast_path(msg: str) -> None:
         and fields is not None
         and len(fields) == len(template.parts)
         and "%r" not in msg
+        and '"' not in msg  # a constant JSON escapes
+        and "\\" not in msg
         and all(
             fmt == "%d" or type(fields[name]) is str for name, fmt, takes in template.parts if takes
         )
