@@ -417,6 +417,7 @@ class TurnHandler(logging.StreamHandler[TextIO]):
 
 
 _UNKNOWN_FILE: Final = "(unknown file)"  # Logger._log's pathname when it does not look
+_new_record: Final = logging.LogRecord.__new__
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 
@@ -430,7 +431,7 @@ def _record(
     exc_info: _ExcInfo | None,
     func: str | None = None,
     sinfo: str | None = None,
-    **kwargs: object,
+    **kwargs: object,  # LogRecord takes and ignores them too
 ) -> logging.LogRecord:
     """`logging.LogRecord(...)` as Python 3.11 builds it, without what `configure` turned off.
 
@@ -443,7 +444,6 @@ def _record(
     """
     if (
         fn != _UNKNOWN_FILE
-        or kwargs
         or logging.logThreads
         or logging.logProcesses
         or logging.logMultiprocessing
@@ -474,9 +474,6 @@ def _record(
     record.processName = None
     record.process = None
     return record
-
-
-_new_record: Final = logging.LogRecord.__new__
 
 
 def configure(level: str, fmt: str) -> None:

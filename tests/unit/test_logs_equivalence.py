@@ -259,15 +259,13 @@ def plain_args(msg: str) -> tuple[object, ...]:
     return tuple({"d": 7, "f": 7.5}.get(conv, "plain") for conv in conversions)
 
 
-@pytest.mark.parametrize("msg", call_site_formats() + MADE_UP_FORMATS)
+@pytest.mark.parametrize("msg", [m for m in call_site_formats() + MADE_UP_FORMATS if "%" in m])
 def test_plain_values_take_the_fast_path(msg: str) -> None:
     """Where `fields` takes the values and has a str for each (an int for a bare %d), and no
     repeated name, %r or escaped constant needs the dict, the fast path writes the line."""
     formatter = Counting()
     args = plain_args(msg)
     record = make_record(msg, args, name="x", level=logging.INFO, created=1.0)
-    if not args:
-        pytest.skip("no args: the general path")
     assert formatter.format(record) == JsonFormatter()._document(record)
     template = formatter._templates[msg]
     fields = template.fields(args) if template is not None else None
