@@ -22,13 +22,18 @@ Nothing here decides *what* is logged: bodies and AUTH data never reach a log
 call in the first place (see frontend/auth.py).
 
 Cost (one INFO line per delivered message, on the event loop): a format string
-made only of `key=%s`-style words is compiled once into a template, and a
-record whose values are single words takes its fields straight from its args
-instead of re-parsing the formatted text; anything else (quoted or spaced
-values, arrows, prose) goes through `parse_message`, and both give the same
-fields. The timestamp's date and time are formatted once per second.
-`configure` turns off what no format here prints: caller lookup, thread and
-process names.
+made only of `key=%s`-style words is compiled once into a template. When the
+formatted message shows each value as a plain word that stays a string (or a
+%d's number), which a regex compiled with the template tells, `layout % args`
+writes the JSON members: no dict, no encoder. Otherwise a record whose values
+are single words takes its fields straight from its args instead of
+re-parsing the formatted text, and anything else (quoted or spaced values,
+arrows, prose) goes through `parse_message`; all three write the same bytes
+(tests/unit/test_logs_equivalence.py). The timestamp's date and time are
+formatted once per second, the level and logger once per pair. `configure`
+turns off what no format here prints: caller lookup, thread and process names;
+on Python 3.11 it also installs `_record`, which builds the same LogRecord
+without the file-name work that lookup being off leaves pointless.
 
 Writes: on an event loop's thread, the lines of one loop turn go to stderr in one
 write (`TurnHandler`), flushed by a callback the first line of the turn schedules,
@@ -47,6 +52,8 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Final, TextIO
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -141,20 +148,66 @@ _TEMPLATE_WORD = re.compile(
 )
 _TEMPLATES_MAX: Final = 1024  # format strings are code constants; this only bounds a misuse
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+# What _ENCODER does to a str (its C encoder calls this very function): no \u escapes.
+_encode_str: Final = json.encoder.encode_basestring
 
+_MILLIS: Final = tuple(f"{ms:03d}" for ms in range(1000))
 # (field name, value format, whether it takes an arg) per key=value word of a format string
 _Part = tuple[str, str, bool]
+# A value the fast path writes as a JSON string as it stands: one `fields` takes (no leading
+# quote, no space) and `_scalar` leaves a str (no True or False, no number: `_NUMBER` is `_FLOAT`
+# made possessive, the same words without the backtracking), with nothing JSON would escape
+# (quote, backslash, control characters) and no DEL, which str.isprintable refuses.
+_NUMBER: Final = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][-+]?+\d++)?+"
+_STRING_VALUE: Final = rf"(?!(?:True|False|{_NUMBER})(?: |\Z))(?!['\"])[^ \"\\\x00-\x1f\x7f]*+"
+_INT_VALUE: Final = r"(?:0|-?[1-9][0-9]*)"  # what %d writes and int() gives back unchanged
 
 
 class _Template:
-    """A format string made only of key=value words, compiled once (see the module docstring)."""
+    """A format string made only of key=value words, compiled once (see the module docstring).
 
-    __slots__ = ("event", "nargs", "parts")
+    `fields` gives the fields from the args. The fast path does without them: `check` is a
+    regex the formatted message matches only when every value is one plain word that `fields`
+    would keep as a str (or, for a bare %d, an int), and `layout % args` then writes the JSON
+    members from "event" on, as the encoder would for `fields(args)`. As the check refuses in
+    values what JSON escapes, each value and the message are their own JSON text once the caller
+    has checked that a non-ASCII message is printable.
+    """
 
-    def __init__(self, event: str, parts: tuple[_Part, ...]) -> None:
+    __slots__ = ("event", "fast", "nargs", "parts")
+
+    def __init__(self, event: str, parts: tuple[_Part, ...], keys: tuple[str, ...]) -> None:
         self.event = event
-        self.parts = parts
+        self.parts = parts  # `keys` are their names as the message writes them
         self.nargs = sum(takes for _, _, takes in parts)
+        self.fast = self._fast(event, parts, keys)
+
+    @staticmethod
+    def _fast(
+        event: str, parts: tuple[_Part, ...], keys: tuple[str, ...]
+    ) -> tuple[re.Pattern[str], str] | None:
+        """(check, layout), or None where only `fields` can tell."""
+        if len({name for name, _, _ in parts}) != len(parts):
+            return None  # a repeated name keeps its first place and its last value: the dict's
+        check, layout = [re.escape(event)], [f'"event": {_encode_str(event)}']
+        for (name, fmt, takes), key in zip(parts, keys, strict=True):
+            member = f", {_encode_str(name)}: "
+            if not takes:  # a constant: checked here, once
+                if fmt[:1] in ("'", '"') or " " in fmt or not fmt.isprintable():
+                    return None  # `fields` never takes it
+                if '"' in fmt or "\\" in fmt:
+                    return None  # the message's JSON would escape it
+                check.append(re.escape(f" {key}={fmt}"))
+                layout.append(member + _ENCODER.encode(_scalar(fmt)))  # holds no %
+            elif fmt == "%r":
+                return None  # the value is the str, not the repr the message shows
+            elif fmt == "%d":
+                check.append(f" {key}={_INT_VALUE}")
+                layout.append(member + fmt)
+            else:
+                check.append(f" {key}={_STRING_VALUE}")
+                layout.append(f'{member}"{fmt}"')
+        return re.compile("".join(check)), "".join(layout)
 
     @classmethod
     def compile(cls, msg: str) -> _Template | None:
@@ -162,13 +215,15 @@ class _Template:
         if _EVENT.fullmatch(head) is None or (not rest and "." not in head):
             return None
         parts: list[_Part] = []
+        keys: list[str] = []
         for word in rest.split(" ") if rest else ():
             found = _TEMPLATE_WORD.fullmatch(word)
             if found is None:
                 return None  # prose, an arrow, a double space: the general parser
             name, fmt = found.groups()
             parts.append((f"{name}_" if name in _RESERVED else name, fmt, "%" in fmt))
-        return cls(head, tuple(parts))
+            keys.append(name)
+        return cls(head, tuple(parts), tuple(keys))
 
     def fields(self, args: tuple[object, ...]) -> dict[str, Scalar] | None:
         """What `parse_message` would make of the formatted message, or None when a value
@@ -208,8 +263,34 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._templates: dict[str, _Template | None] = {}
         self._second: tuple[int, str] = (-1, "")  # a whole second and its RFC 3339 text
+        self._ts_head: tuple[int, str] = (-1, "")  # a second and `{"ts": "` + its text + `.`
+        # `"level": ..., "logger": ..., ` per level name, per logger name
+        self._envelopes: dict[str, dict[str, str]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        if (
+            type(msg) is str
+            and type(args) is tuple
+            and args
+            and not (record.exc_info or record.exc_text or record.stack_info)
+        ):
+            try:
+                template = self._templates[msg]
+            except KeyError:
+                template = self._compile(msg)
+            if template is not None and template.fast is not None:
+                # LogRecord.getMessage, inline; first, so that where it raises, it raises first
+                text = msg % args if type(record) is logging.LogRecord else record.getMessage()
+                check, layout = template.fast
+                # The check refuses, in values, what JSON escapes and DEL, and the rest of the
+                # text has none: an ASCII text it takes is printable and its own JSON string.
+                if (text.isascii() or text.isprintable()) and check.fullmatch(text):
+                    return f'{self._head(record)}{layout % args}, "message": "{text}"}}'
+        return self._document(record)
+
+    def _document(self, record: logging.LogRecord) -> str:
+        """The general path: a dict of whatever the record holds, through the encoder."""
         text = record.getMessage()
         event, fields = self._parse(record, text)
         doc: dict[str, object] = {
@@ -229,20 +310,44 @@ class JsonFormatter(logging.Formatter):
             doc["stack"] = self.formatStack(record.stack_info)
         return _ENCODER.encode(doc)
 
+    def _compile(self, msg: str) -> _Template | None:
+        template = _Template.compile(msg)
+        if len(self._templates) < _TEMPLATES_MAX:
+            self._templates[msg] = template
+        return template
+
     def _parse(self, record: logging.LogRecord, text: str) -> tuple[str | None, dict[str, Scalar]]:
         msg, args = record.msg, record.args
         if type(msg) is str and type(args) is tuple and args:
             try:
                 template = self._templates[msg]
             except KeyError:
-                template = _Template.compile(msg)
-                if len(self._templates) < _TEMPLATES_MAX:
-                    self._templates[msg] = template
+                template = self._compile(msg)
             if template is not None:
                 fields = template.fields(args)
                 if fields is not None:
                     return template.event, fields
         return parse_message(text)
+
+    def _head(self, record: logging.LogRecord) -> str:
+        """`{"ts": ..., "level": ..., "logger": ..., ` as the encoder writes them."""
+        micros = round(record.created * 1_000_000)  # as in _timestamp
+        second, ts_head = self._ts_head
+        if micros // 1_000_000 != second:
+            ts_head = f'{{"ts": "{self._timestamp(record.created)[:-4]}'
+            self._ts_head = (micros // 1_000_000, ts_head)
+        try:
+            envelope = self._envelopes[record.levelname][record.name]
+        except KeyError:
+            envelope = self._envelope(record.levelname, record.name)
+        return f'{ts_head}{_MILLIS[micros % 1_000_000 // 1000]}Z", {envelope}'
+
+    def _envelope(self, levelname: str, name: str) -> str:
+        envelope = _ENCODER.encode({"level": levelname, "logger": name})[1:-1] + ", "
+        by_name = self._envelopes.setdefault(levelname, {})
+        if len(by_name) < _TEMPLATES_MAX:
+            by_name[name] = envelope
+        return envelope
 
     def _timestamp(self, created: float) -> str:
         """RFC 3339 in UTC with milliseconds (truncated, like datetime.isoformat)."""
@@ -264,6 +369,11 @@ class TurnHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self._waiting: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # where a flush is scheduled
+        # Handler.acquire and release, without their two calls a turn; the lock stays this
+        # object (a fork re-initialises it in place).
+        assert self.lock is not None
+        self._lock = self.lock
+        self._flush_soon = self._flush_turn  # bound once, not once a turn
 
     def emit(self, record: logging.LogRecord) -> None:
         # Handler.handle holds self.lock around this call.
@@ -280,34 +390,90 @@ class TurnHandler(logging.StreamHandler[TextIO]):
             self._write_waiting()
         elif self._loop is None:
             self._loop = loop
-            loop.call_soon(self._flush_turn)
+            loop.call_soon(self._flush_soon)
         elif len(self._waiting) >= self.MAX_WAITING:
             self._write_waiting()
 
     def flush(self) -> None:
-        self.acquire()
-        try:
+        with self._lock:
             self._write_waiting()
-        finally:
-            self.release()
 
     def _flush_turn(self) -> None:
-        self.acquire()
-        try:
+        with self._lock:
             self._loop = None
             self._write_waiting()
-        finally:
-            self.release()
 
     def _write_waiting(self) -> None:
+        stream = self.stream
         if self._waiting:
             text = "".join(self._waiting)
             self._waiting.clear()
             try:
-                self.stream.write(text)
+                stream.write(text)
             except Exception:  # a closed or broken stderr must not break the caller
                 return
-        super().flush()
+        if stream and hasattr(stream, "flush"):  # StreamHandler.flush, under the lock we hold
+            stream.flush()
+
+
+_UNKNOWN_FILE: Final = "(unknown file)"  # Logger._log's pathname when it does not look
+_new_record: Final = logging.LogRecord.__new__
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _record(
+    name: str,
+    level: int,
+    fn: str,
+    lno: int,
+    msg: object,
+    args: tuple[object, ...] | Mapping[str, object] | None,
+    exc_info: _ExcInfo | None,
+    func: str | None = None,
+    sinfo: str | None = None,
+    **kwargs: object,  # LogRecord takes and ignores them too
+) -> logging.LogRecord:
+    """`logging.LogRecord(...)` as Python 3.11 builds it, without what `configure` turned off.
+
+    A LogRecord spends half its time on os.path.basename and splitext of `fn`, which after
+    `configure` is always "(unknown file)", and on the checks for threads and processes.
+    This sets the same attributes in the same order on a plain LogRecord, and leaves every
+    other case (a real path, a lone mapping as args, threads or processes turned back on) to
+    LogRecord itself. `configure` installs it on 3.11 only, whose LogRecord.__init__ it
+    follows line by line (tests/unit/test_logs_record.py compares the two).
+    """
+    if (
+        fn != _UNKNOWN_FILE
+        or logging.logThreads
+        or logging.logProcesses
+        or logging.logMultiprocessing
+        or not isinstance(args, tuple)
+        or (len(args) == 1 and isinstance(args[0], Mapping) and args[0])  # args = args[0]
+    ):
+        return logging.LogRecord(name, level, fn, lno, msg, args, exc_info, func, sinfo)
+    ct = time.time()  # noqa: TID251 -- LogRecord's own clock, not ours to inject
+    record = _new_record(logging.LogRecord)
+    record.name = name
+    record.msg = msg
+    record.args = args
+    record.levelname = logging.getLevelName(level)
+    record.levelno = level
+    record.pathname = fn
+    record.filename = fn  # os.path.basename(fn)
+    record.module = fn  # os.path.splitext(record.filename)[0]
+    record.exc_info = exc_info
+    record.exc_text = None
+    record.stack_info = sinfo
+    record.lineno = lno
+    record.funcName = func  # type: ignore[assignment]  # LogRecord's own None default
+    record.created = ct
+    record.msecs = int((ct - int(ct)) * 1000) + 0.0
+    record.relativeCreated = (ct - logging._startTime) * 1000  # type: ignore[attr-defined]
+    record.thread = None
+    record.threadName = None
+    record.processName = None
+    record.process = None
+    return record
 
 
 def configure(level: str, fmt: str) -> None:
@@ -326,3 +492,5 @@ def configure(level: str, fmt: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    if sys.version_info[:2] == (3, 11) and logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(_record)  # the same records, for half the work
