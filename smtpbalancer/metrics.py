@@ -127,6 +127,19 @@ class UpstreamMetrics:
         self.seconds = DELIVERY_SECONDS.labels(upstream)
         self.effective_rate = UPSTREAM_EFFECTIVE_RATE.labels(upstream)
 
+    def answered(self, seconds: float) -> None:
+        """One upstream transaction the upstream answered, and how long it took."""
+        self.seconds.observe(seconds)
+        self.attempt_ok.inc()
+
+    def attempted(self, seconds: float, *, answered: bool) -> None:
+        """One upstream transaction: answered, or the session failed."""
+        self.seconds.observe(seconds)
+        if answered:
+            self.attempt_ok.inc()
+        else:
+            self.attempt_broken.inc()
+
 
 def rejected(reason: str) -> None:
     """Count one refusal; `reason` comes from a fixed table in the front end (bounded)."""

@@ -317,6 +317,10 @@ class Registry:
                 )
                 self._set_rate(upstream, now)
 
+    def record_success(self, pick: Pick) -> None:
+        """`record` for Signal.SUCCESS (the common case)."""
+        self.record(pick, Signal.SUCCESS, "")
+
     def set_drained(self, name: str, drained: bool) -> bool:
         """Take an upstream out of rotation (in-flight work finishes) or put it back."""
         upstream = self._by_name.get(name)
