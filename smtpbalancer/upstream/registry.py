@@ -132,7 +132,9 @@ class Upstream:
         """
         pool = self.pool
         for attempt in (1, 2):
-            conn = await pool.acquire()
+            conn = pool.acquire_idle()
+            if conn is None:
+                conn = await pool.acquire()
             reused = conn.messages > 0
             completed = False
             try:

@@ -108,6 +108,11 @@ class ReplyReader(asyncio.Protocol):
             raise WireError(self._broken or "not connected")
         self.transport.write(data)
 
+    @property
+    def needs_drain(self) -> bool:
+        """Whether `drain` has anything to do (wait, or raise): a check, not a coroutine."""
+        return self._paused or self._broken is not None
+
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark (large bodies)."""
         while self._paused and self._broken is None:
@@ -118,29 +123,40 @@ class ReplyReader(asyncio.Protocol):
 
     async def replies(self, count: int, timeout_s: float) -> list[RawReply]:
         """The next `count` replies, in order. Raises WireError."""
-        if len(self._ready) < count:
-            if self._broken is not None:
-                raise WireError(self._broken, self._take(len(self._ready)))
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            self._wanted = count
-            self._deadline = deadline = loop.time() + timeout_s
-            self._timeout_s = timeout_s
-            timer = self._timer
-            if timer is None or timer.when() > deadline:
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(deadline, self._watch)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-            if len(self._ready) < count:
-                raise WireError(self._broken or "no reply", self._take(len(self._ready)))
-        return self._take(count)
+        waiter = self.expect(count, timeout_s)
+        if waiter is not None:
+            await waiter
+        return self.take(count)
 
-    def _take(self, count: int) -> list[RawReply]:
+    def expect(self, count: int, timeout_s: float) -> asyncio.Future[None] | None:
+        """`replies` in two steps, for a caller that awaits the future itself (one frame
+        fewer on its await chain): None if `count` replies are in already, else a future
+        that completes once they are, or the wire broke or timed out. Then `take(count)`.
+        """
+        if len(self._ready) >= count or self._broken is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._wanted = count
+        self._deadline = deadline = loop.time() + timeout_s
+        self._timeout_s = timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._watch)
+        return waiter
+
+    def take(self, count: int) -> list[RawReply]:
+        """The next `count` replies, once `expect` said they are in. Raises WireError (with
+        the replies that did arrive) if the wire broke or timed out first."""
         ready = self._ready
+        if len(ready) < count:
+            raise WireError(
+                self._broken or "no reply", [ready.popleft() for _ in range(len(ready))]
+            )
+        if count == 1:
+            return [ready.popleft()]
         return [ready.popleft() for _ in range(count)]
 
     # --- inside ---------------------------------------------------------------------------
@@ -155,13 +171,17 @@ class ReplyReader(asyncio.Protocol):
         if len(raw) > MAX_REPLY_LINE or not code.isdigit() or separator not in (b"", b" ", b"-"):
             self._break("malformed reply")
             return
-        self._lines.append(raw[4:].decode("utf-8", "surrogateescape"))
+        text = raw[4:].decode("utf-8", "surrogateescape")
         if separator == b"-":
+            self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 self._break("reply has too many lines")
             return
-        self._ready.append((int(code), "\n".join(self._lines)))
-        self._lines = []
+        if self._lines:  # the last line of a multi-line reply
+            self._lines.append(text)
+            text = "\n".join(self._lines)
+            self._lines = []
+        self._ready.append((int(code), text))
 
     def _break(self, reason: str) -> None:
         if self._broken is None:
