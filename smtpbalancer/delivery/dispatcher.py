@@ -398,7 +398,11 @@ class Dispatcher:
                     upstream.metrics.answered(self._clock.monotonic() - started)
                     self._registry.record_success(pick)
                     reported = True
-                    await self._settle_delivered(job, upstream, result, meta, body, pending)
+                    self._settle_delivered(job, upstream, result.queue_id, pending)
+                    if job.progress.failed:  # earlier attempts failed some: bounce them
+                        await self._finish(job, meta, body)
+                    else:
+                        self._complete(job, meta)
                     return
                 verdict = classify(result, pending)
             upstream.metrics.attempted(
@@ -441,23 +445,18 @@ class Dispatcher:
             verdicts.append(classify(result, chunk))
         return verdicts[0] if len(verdicts) == 1 else merge(verdicts)
 
-    async def _settle_delivered(
-        self,
-        job: Job,
-        upstream: Upstream,
-        result: SendResult,
-        meta: MessageMeta,
-        body: bytes,
-        rcpts: tuple[str, ...],
+    def _settle_delivered(
+        self, job: Job, upstream: Upstream, upstream_queue_id: str, rcpts: tuple[str, ...]
     ) -> None:
-        """`_settle` for an attempt that delivered every recipient it tried (no events)."""
+        """`_settle`'s bookkeeping for an attempt that delivered every recipient it tried
+        (no events configured); the caller finishes the message."""
         upstream.metrics.delivered.inc()
         log.info(
             "delivery.delivered queue_id=%s upstream=%s rcpts=%d upstream_queue_id=%s",
             job.queue_id,
             upstream.name,
             len(rcpts),
-            result.queue_id,
+            upstream_queue_id,
         )
         old = job.progress
         job.progress = Progress(
@@ -465,7 +464,6 @@ class Dispatcher:
             failed=old.failed,
             attempts=old.attempts + 1,
         )
-        await self._finish(job, meta, body)
 
     async def _settle(
         self, job: Job, upstream: Upstream, verdict: Verdict, meta: MessageMeta, body: bytes
@@ -567,7 +565,11 @@ class Dispatcher:
                     return
                 body = loaded[1]
             await self._bounce(job, meta, body)
-        await self._store.remove(meta)
+        self._complete(job, meta)
+
+    def _complete(self, job: Job, meta: MessageMeta) -> None:
+        """Off the spool (its done mark goes out with this loop turn's) and forgotten."""
+        self._store.remove_soon(meta)
         self._jobs.pop(meta.queue_id, None)
         self._drop_hot(job)
         self.completed += 1

@@ -466,6 +466,17 @@ class SpoolStore:
             self.bytes -= slot.body_size
             await self._finish(self._release(meta.queue_id, slot, mark=True))
 
+    def remove_soon(self, meta: MessageMeta) -> None:
+        """`remove` without waiting for the mark: it is written with this loop turn's marks
+        (its cleanup thread's work, if any, is queued). The wait bought nothing a crash
+        would respect: the mark is not fsync'd either way, so a crash before or after it
+        is written means a redelivery at worst (dup-ok)."""
+        slot = self._index.pop(meta.queue_id, None)
+        if slot is not None:
+            self.messages -= 1
+            self.bytes -= slot.body_size
+            self._post(self._release(meta.queue_id, slot, mark=True))
+
     async def _finish(self, cleanup: _Cleanup) -> None:
         # Every cleanup goes through here or _post: a plain mark to the loop's appender.
         if cleanup.plain:
