@@ -459,11 +459,8 @@ class Dispatcher:
             upstream_queue_id,
         )
         old = job.progress
-        job.progress = Progress(
-            delivered=old.delivered | frozenset(rcpts) if old.delivered else frozenset(rcpts),
-            failed=old.failed,
-            attempts=old.attempts + 1,
-        )
+        delivered = old.delivered | frozenset(rcpts) if old.delivered else frozenset(rcpts)
+        job.progress = Progress(delivered, old.failed, old.attempts + 1)
 
     async def _settle(
         self, job: Job, upstream: Upstream, verdict: Verdict, meta: MessageMeta, body: bytes

@@ -24,8 +24,9 @@ import re
 import sys
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, NamedTuple
 
 from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolCorrupt
@@ -57,12 +58,14 @@ class Failure:
     at_wall: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
+_NO_FAILURES: Final[Mapping[str, Failure]] = MappingProxyType({})
+
+
+class Progress(NamedTuple):  # a tuple: replaced after every attempt, the cheapest to build
     """Settled recipients of one message. Recipients in neither set are pending."""
 
     delivered: frozenset[str] = frozenset()
-    failed: Mapping[str, Failure] = field(default_factory=dict)
+    failed: Mapping[str, Failure] = _NO_FAILURES  # never changed in place: replaced
     attempts: int = 0
 
     def pending(self, rcpts: tuple[str, ...]) -> tuple[str, ...]:

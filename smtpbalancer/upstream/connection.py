@@ -296,7 +296,7 @@ class UpstreamConnection:
             raise self._broken("data", text, 421)
         final = Reply.parse(code, text)
         queue_id = upstream_queue_id(final.text) if code == 250 else ""
-        return SendResult(refused=refused, final=final, queue_id=queue_id)
+        return SendResult(refused, final, queue_id)  # positional: cheaper, once per message
 
     def _envelope(
         self, mail_from: str, rcpts: Sequence[str], smtputf8: bool, body_8bit: bool
