@@ -27,6 +27,10 @@ MAX_REPLY_LINES: Final = 256
 RawReply = tuple[int, str]
 
 
+# "000".."999" -> int: a reply code checked (three ASCII digits) and converted in one lookup.
+_CODES: Final = {f"{n:03d}": n for n in range(1000)}
+
+
 class WireError(Exception):
     """The session cannot go on: lost, timed out or spoke nonsense."""
 
@@ -60,15 +64,38 @@ class ReplyReader(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            self._line(buffer[start:end])
-            start = end + 1
-        self._buffer = buffer[start:]
+        if self._buffer:
+            data = self._buffer + data
+        # The usual segment is ASCII, and each of its LFs ends a CRLF: then it is decoded
+        # once and split at CRLF (a line's length in characters is its length in bytes).
+        # Anything else goes line by line in bytes, through _line.
+        lines: list[str] | None = None
+        if data.isascii():
+            lines = data.decode("ascii").split("\r\n")
+            if data.count(b"\n") != len(lines) - 1:
+                lines = None
+        if lines is None:
+            raw_lines = data.split(b"\n")
+            self._buffer = raw_lines.pop()  # what follows the last line end
+            for raw in raw_lines:
+                self._line(raw[:-1] if raw.endswith(b"\r") else raw)
+        else:
+            tail = lines.pop()
+            self._buffer = tail.encode("ascii") if tail else b""
+            ready = self._ready
+            for line in lines:
+                # The common reply, inline: one line, "NNN text", nothing broken or pending.
+                code = _CODES.get(line[:3])
+                if (
+                    code is not None
+                    and line[3:4] == " "
+                    and self._broken is None
+                    and not self._lines
+                    and len(line) <= MAX_REPLY_LINE
+                ):
+                    ready.append((code, line[4:]))
+                else:
+                    self._line(line.encode("ascii"))
         if len(self._buffer) > MAX_REPLY_LINE:
             self._break("reply line too long")
         waiter = self._waiter
@@ -155,17 +182,18 @@ class ReplyReader(asyncio.Protocol):
             raise WireError(
                 self._broken or "no reply", [ready.popleft() for _ in range(len(ready))]
             )
-        if count == 1:
-            return [ready.popleft()]
+        if count == len(ready):  # the usual: exactly what was asked for
+            answers = list(ready)
+            ready.clear()
+            return answers
         return [ready.popleft() for _ in range(count)]
 
     # --- inside ---------------------------------------------------------------------------
 
     def _line(self, raw: bytes) -> None:
+        """Any reply line but the common one data_received takes itself (its CR gone)."""
         if self._broken is not None:
             return
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
         code = raw[:3]
         separator = raw[3:4]
         if len(raw) > MAX_REPLY_LINE or not code.isdigit() or separator not in (b"", b" ", b"-"):
