@@ -291,14 +291,19 @@ class SpoolStore:
     def _release(self, queue_id: str, slot: Slot, *, mark: bool) -> _Cleanup:
         """A copy of a message stops being live (finished, or moved): occupancy's verdict
         and the cleanup thread's work for it."""
+        # Once per finished message: positional tuples, no call that has nothing to do.
         seq = slot.seq
         sidecars = False
-        if self._index.get(queue_id) is None:  # the message itself is gone
-            sidecars = queue_id in self._sidecars
+        if queue_id in self._sidecars and queue_id not in self._index:  # the message is gone
+            sidecars = True
             self._sidecars.discard(queue_id)
         if seq == LEGACY:
-            return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars)
-        action = self._occupancy.remove(seq, slot.length)
+            return _Cleanup(queue_id, seq, mark, sidecars)
+        action = self._occupancy.remove(seq, slot.head_len + slot.body_size)
+        if action is Action.NONE:
+            if self._sparse:  # recovery left segments to compact: a removal starts it
+                self._compact_later()
+            return _Cleanup(queue_id, seq, mark, sidecars)
         if action is Action.ROTATE:
             self._rotate = True
         self._compact_later(seq if action is Action.COMPACT else None)
@@ -306,7 +311,7 @@ class SpoolStore:
         if action is Action.RECLAIM:
             self._marks.retire(seq)  # before the thread may unlink its .done
             reclaim = seq
-        return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars, reclaim=reclaim)
+        return _Cleanup(queue_id, seq, mark, sidecars, reclaim)
 
     # --- the write path ----------------------------------------------------------------
 
@@ -485,8 +490,9 @@ class SpoolStore:
             await self._cleanups.submit(cleanup)
 
     def _post(self, cleanup: _Cleanup) -> None:
-        if cleanup.plain:
-            self._marks.post(cleanup.seq, cleanup.queue_id)
+        queue_id, seq, mark, sidecars, reclaim = cleanup
+        if mark and seq != LEGACY and not sidecars and reclaim is None:  # cleanup.plain, inline
+            self._marks.post(seq, queue_id)
         else:
             self._cleanups.post(cleanup)
 
