@@ -193,11 +193,13 @@ class Dispatcher:
             if taken % JOBS_PER_TURN == 0:
                 await asyncio.sleep(0)  # let the loop turn: see JOBS_PER_TURN
             await self._slots.acquire()
-            try:
-                job = await self._scheduler.next()
-            except BaseException:
-                self._release_slot()
-                raise
+            job = self._scheduler.due()  # without a coroutine while jobs are due now
+            if job is None:
+                try:
+                    job = await self._scheduler.next()
+                except BaseException:
+                    self._release_slot()
+                    raise
             if job.held:  # held while it waited: it waits for a release now
                 self._drop_hot(job)
                 self._release_slot()
@@ -395,8 +397,9 @@ class Dispatcher:
                     and result.final.ok
                 ):
                     # What classify would say: every recipient DELIVERED, SUCCESS.
-                    upstream.metrics.answered(self._clock.monotonic() - started)
-                    self._registry.record_success(pick)
+                    now = self._clock.monotonic()
+                    upstream.metrics.answered(now - started)
+                    self._registry.record_success(pick, now)
                     reported = True
                     self._settle_delivered(job, upstream, result.queue_id, pending)
                     if job.progress.failed:  # earlier attempts failed some: bounce them
@@ -568,7 +571,9 @@ class Dispatcher:
         """Off the spool (its done mark goes out with this loop turn's) and forgotten."""
         self._store.remove_soon(meta)
         self._jobs.pop(meta.queue_id, None)
-        self._drop_hot(job)
+        if job.body is not None:  # _drop_hot's part that matters for a finished job
+            self._hot_bytes -= len(job.body)
+            job.body = None
         self.completed += 1
 
     async def _bounce(self, job: Job, meta: MessageMeta, body: bytes) -> None:

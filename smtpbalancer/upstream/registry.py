@@ -352,9 +352,11 @@ class Registry:
                 )
                 self._set_rate(upstream, now)
 
-    def record_success(self, pick: Pick) -> None:
-        """`record` for Signal.SUCCESS (the common case)."""
-        upstream, now = pick.upstream, self._clock.monotonic()
+    def record_success(self, pick: Pick, now: float | None = None) -> None:
+        """`record` for Signal.SUCCESS (the common case); `now` if the caller just read it."""
+        upstream = pick.upstream
+        if now is None:
+            now = self._clock.monotonic()
         change = upstream.breaker.record_success(now, pick.ticket)
         if change is not None:  # closed again: back in service, ramping up
             self._log(upstream, change)
