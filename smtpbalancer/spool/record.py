@@ -20,6 +20,7 @@ a corrupt entry is quarantined, never delivered. No I/O here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import zlib
@@ -36,6 +37,7 @@ PROGRESS_MAGIC = b"SMTPS1"
 MAX_HEADER_LINE = 80
 _JSON = json.JSONDecoder()
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, ensure_ascii=False (C)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,25 +86,42 @@ def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
 
 
 def encode_prefix(meta: MessageMeta, body_len: int, body_crc: int) -> bytes:
-    """The header line and metadata of a record whose body has this length and crc."""
+    """The header line and metadata of a record whose body has this length and crc.
+
+    The metadata is, byte for byte, json.dumps(doc, ensure_ascii=False,
+    separators=(",", ":")) of the dict {"id", "from", "rcpts", "received", "client",
+    "smtputf8", "8bit", "size"[, "pool"][, "msgid"][, "tags"]} in that order (recovery's
+    _PEEK reads the first keys), assembled here around the encoder's own C quoting of
+    each string: JSONEncoder.encode set up a new encoder on every call, which was most of
+    the cost of storing a message (tests/unit/test_record.py compares the two).
+    """
     env = meta.envelope
-    doc = {
-        "id": meta.queue_id,
-        "from": env.mail_from,
-        "rcpts": list(env.rcpt_tos),
-        "received": meta.received_wall,
-        "client": meta.client,
-        "smtputf8": env.smtputf8,
-        "8bit": env.body_8bit,
-        "size": body_len,
-    }
+    received = meta.received_wall
+    parts = [
+        '{"id":',
+        _QUOTE(meta.queue_id),
+        ',"from":',
+        _QUOTE(env.mail_from),
+        ',"rcpts":[',
+        ",".join(map(_QUOTE, env.rcpt_tos)),
+        '],"received":',
+        repr(received) if math.isfinite(received) else _ENCODE(received),
+        ',"client":',
+        _QUOTE(meta.client),
+        ',"smtputf8":true' if env.smtputf8 else ',"smtputf8":false',
+        ',"8bit":true' if env.body_8bit else ',"8bit":false',
+        ',"size":',
+        repr(body_len),
+    ]
     if env.pool != DEFAULT_POOL:  # optional keys: absent in older records
-        doc["pool"] = env.pool
+        parts += (',"pool":', _QUOTE(env.pool))
     if env.message_id:
-        doc["msgid"] = env.message_id
+        parts += (',"msgid":', _QUOTE(env.message_id))
     if env.tags:
-        doc["tags"] = [list(pair) for pair in env.tags]
-    meta_bytes = _ENCODE(doc).encode()
+        tags = ",".join(f"[{_QUOTE(name)},{_QUOTE(value)}]" for name, value in env.tags)
+        parts += (',"tags":[', tags, "]")
+    parts.append("}")
+    meta_bytes = "".join(parts).encode()
     head = b"%s %d %d %08x %08x\n" % (
         MESSAGE_MAGIC,
         len(meta_bytes),
