@@ -40,8 +40,7 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _QUOTE = json.encoder.encode_basestring  # a str as a JSON string, ensure_ascii=False (C)
 
 
-@dataclass(frozen=True, slots=True)
-class MessageMeta:
+class MessageMeta(NamedTuple):  # a tuple: one per stored message, the cheapest to build
     queue_id: str
     envelope: Envelope
     received_wall: float
