@@ -323,7 +323,7 @@ class SpoolStore:
         queue_id = queue_id or self._ids.next(wall)
         meta = MessageMeta(queue_id, envelope, wall, len(body), client, zlib.crc32(body))
         prefix = record.encode_prefix(meta, meta.body_size, meta.body_crc)
-        await self._commits.submit(_Pending(queue_id, wall, prefix, body))
+        await self._commits.queue(_Pending(queue_id, wall, prefix, body))
         return meta
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
@@ -335,14 +335,16 @@ class SpoolStore:
         # On the loop, between batches: the writer is idle, its seq is stable.
         if not isinstance(outcome, Exception):
             seq, offsets = outcome
+            index, occupancy = self._index, self._occupancy
             for pending, offset in zip(batch, offsets, strict=True):
                 size = len(pending.body)
-                slot = Slot(seq, offset, len(pending.prefix), size, pending.received_wall)
+                head_len = len(pending.prefix)
+                slot = Slot(seq, offset, head_len, size, pending.received_wall)
                 if pending.moved_from is not None:
                     self._moved(pending.queue_id, slot, pending.moved_from)
                     continue
-                self._index[pending.queue_id] = slot
-                self._occupancy.add(seq, offset, slot.length)
+                index[pending.queue_id] = slot
+                occupancy.add(seq, offset, head_len + size)
                 self.messages += 1
                 self.bytes += size
         left, action = self._occupancy.switch(self._writer.seq)
