@@ -113,7 +113,8 @@ class Pool:
             self._idle.append(conn)
         else:
             self._discard(conn)
-        self._wake_one()
+        if self._waiters:
+            self._wake_one()
 
     def _discard(self, conn: UpstreamConnection) -> None:
         self._size -= 1

@@ -48,7 +48,8 @@ class ReplyReader(asyncio.Protocol):
         self._ready: deque[RawReply] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 0
-        self._broken: str | None = None
+        self._broken: str | None = None  # why the wire broke
+        self.broken = False  # _broken is set: read per transaction, so a plain attribute
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
         # One watchdog timer, not one per round trip: `replies` sets the deadline and arms
@@ -120,10 +121,6 @@ class ReplyReader(asyncio.Protocol):
             self._drained.set_result(None)
 
     # --- for connection.py ---------------------------------------------------------------
-
-    @property
-    def broken(self) -> bool:
-        return self._broken is not None
 
     @property
     def unread(self) -> int:
@@ -214,6 +211,7 @@ class ReplyReader(asyncio.Protocol):
     def _break(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
+            self.broken = True
             if self.transport is not None:
                 self.transport.close()
             if self._timer is not None:
