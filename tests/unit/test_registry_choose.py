@@ -6,6 +6,7 @@ backups, avoidance, rate limits and quotas (which never take the shortcut)."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from smtpbalancer.config import BreakerConfig, UpstreamConfig
 from smtpbalancer.replies import Signal
@@ -35,10 +36,10 @@ class ManualClock:
 
 
 def upstreams() -> list[UpstreamConfig]:
-    def cfg(name: str, pool: str, **kw: object) -> UpstreamConfig:
+    def cfg(name: str, pool: str, **kw: Any) -> UpstreamConfig:
         return UpstreamConfig(
             name=f"rc-{name}", host="127.0.0.1", port=2525, pool=pool, slow_start_s=10.0, **kw
-        )  # type: ignore[arg-type]
+        )
 
     return [
         cfg("a", "default", weight=3),
