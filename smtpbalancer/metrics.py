@@ -3,19 +3,187 @@
 Children are bound once per upstream (`UpstreamMetrics`); the hot path calls
 only `.inc()`/`.observe()`. Labels are bounded: upstream name and outcome,
 never sender, recipient or domain. `_created` series are off.
+
+The per-delivery families (delivered, deferred, attempts, duration) are
+`LoopCounter`/`LoopHistogram`: children that are plain numbers, written by the
+event loop alone (each worker is a process) and read by /metrics from its HTTP
+thread. A prometheus-client child takes a lock and runs several Python calls per
+`inc`/`observe`, four times per relayed message; these cost an addition. Their
+exposition is the client's, line for line (tests/unit/test_loop_metrics.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Generic, TypeVar
 
 import prometheus_client
-from prometheus_client import Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class LoopCount:
+    """A counter child: a float that only the event loop adds to."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopObservations:
+    """A histogram child: per-bucket counts (not cumulative) and the sum, loop-written."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds  # ascending, +Inf last
+        self.counts = [0.0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount, as prometheus-client counts it.
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1.0
+        self.sum += amount
+
+
+_C = TypeVar("_C", LoopCount, LoopObservations)
+
+
+class _LoopFamily(Generic[_C]):
+    """A labelled family of loop-written children; a collector in `registry`.
+
+    `labels` and `remove` may run in any thread (they lock, as the client does); a
+    child's `inc`/`observe` only ever in the event loop's.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _C] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name} series={len(self._children)}>"
+
+    def labels(self, *values: str) -> _C:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name}: labels {self._labelnames}, got {values}")
+            with self._lock:
+                child = self._children.setdefault(values, self._child())
+        return child
+
+    def remove(self, *values: str) -> None:
+        """Drop one series. Raises KeyError if it was never bound (as the client does)."""
+        with self._lock:
+            del self._children[values]
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            children = list(self._children.items())
+        family = self._family()
+        for values, child in children:
+            self._add(family, values, child)
+        return [family]
+
+    def _child(self) -> _C:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def _add(self, family: Metric, values: tuple[str, ...], child: _C) -> None:
+        raise NotImplementedError
+
+
+class LoopCounter(_LoopFamily[LoopCount]):
+    """prometheus_client.Counter's exposition, with loop-written children."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None = prometheus_client.REGISTRY,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> LoopCount:
+        return LoopCount()
+
+    def _family(self) -> Metric:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def _add(self, family: Metric, values: tuple[str, ...], child: LoopCount) -> None:
+        assert isinstance(family, CounterMetricFamily)
+        family.add_metric(values, child.value)
+
+
+class LoopHistogram(_LoopFamily[LoopObservations]):
+    """prometheus_client.Histogram's exposition, with loop-written children."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = prometheus_client.REGISTRY,
+    ) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds) or not bounds:
+            raise ValueError(f"{name}: buckets must be in ascending order")
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = tuple(bounds)
+        self._les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> LoopObservations:
+        return LoopObservations(self._bounds)
+
+    def _family(self) -> Metric:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def _add(self, family: Metric, values: tuple[str, ...], child: LoopObservations) -> None:
+        assert isinstance(family, HistogramMetricFamily)
+        cumulative = []
+        count = 0.0
+        for le, n in zip(self._les, list(child.counts), strict=True):
+            count += n
+            cumulative.append((le, count))
+        family.add_metric(values, cumulative, child.sum)
+
 
 BUILD_INFO = Gauge(
     "smtpbalancer_build_info", "Always 1; the labels say which build is running.", ["version"]
@@ -42,12 +210,12 @@ CONFIG_RELOAD_FAILURES = Counter(
 MESSAGES_RECEIVED = Counter(
     "smtpbalancer_messages_received", "Messages accepted (250) and spooled durably."
 )
-MESSAGES_DELIVERED = Counter(
+MESSAGES_DELIVERED = LoopCounter(
     "smtpbalancer_messages_delivered",
     "Messages with at least one recipient accepted by an upstream, per upstream.",
     ["upstream"],
 )
-MESSAGES_DEFERRED = Counter(
+MESSAGES_DEFERRED = LoopCounter(
     "smtpbalancer_messages_deferred",
     "Delivery attempts that left recipients to retry, per upstream.",
     ["upstream"],
@@ -55,12 +223,12 @@ MESSAGES_DEFERRED = Counter(
 MESSAGES_BOUNCED = Counter(
     "smtpbalancer_messages_bounced", "Messages with failed recipients for which a DSN was queued."
 )
-DELIVERY_ATTEMPTS = Counter(
+DELIVERY_ATTEMPTS = LoopCounter(
     "smtpbalancer_delivery_attempts",
     "Upstream transactions by outcome.",
     ["upstream", "outcome"],
 )
-DELIVERY_SECONDS = Histogram(
+DELIVERY_SECONDS = LoopHistogram(
     "smtpbalancer_delivery_duration_seconds",
     "Time for one upstream transaction (lease + MAIL..DATA).",
     ["upstream"],
@@ -127,6 +295,19 @@ class UpstreamMetrics:
         self.seconds = DELIVERY_SECONDS.labels(upstream)
         self.effective_rate = UPSTREAM_EFFECTIVE_RATE.labels(upstream)
 
+    def answered(self, seconds: float) -> None:
+        """One upstream transaction the upstream answered, and how long it took."""
+        self.seconds.observe(seconds)
+        self.attempt_ok.inc()
+
+    def attempted(self, seconds: float, *, answered: bool) -> None:
+        """One upstream transaction: answered, or the session failed."""
+        self.seconds.observe(seconds)
+        if answered:
+            self.attempt_ok.inc()
+        else:
+            self.attempt_broken.inc()
+
 
 def rejected(reason: str) -> None:
     """Count one refusal; `reason` comes from a fixed table in the front end (bounded)."""
@@ -168,7 +349,9 @@ def forget_upstream(upstream: str, states: tuple[str, ...], pool: str) -> None:
     _remove(UPSTREAM_INFO, upstream, pool)
 
 
-def _remove(family: Counter | Gauge | Histogram, *labels: str) -> None:
+def _remove(
+    family: Counter | Gauge | Histogram | LoopCounter | LoopHistogram, *labels: str
+) -> None:
     with contextlib.suppress(KeyError):  # never bound (e.g. no delivery yet)
         family.remove(*labels)
 

@@ -10,26 +10,40 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class _ReplyFields(NamedTuple):
     code: int
     status: str  # RFC 3463 enhanced status, e.g. "4.3.1"; "" when the peer gave none
     text: str
-    line: str = field(init=False, repr=False, compare=False)  # the wire form, computed once
+    line: str  # the wire form, computed once
 
-    def __post_init__(self) -> None:
-        parts = [str(self.code)]
-        if self.status:
-            parts.append(self.status)
-        if self.text:
-            parts.append(self.text)
-        object.__setattr__(self, "line", " ".join(parts))
+
+class Reply(_ReplyFields):
+    """One SMTP reply: Reply(code, status, text); `line` is derived.
+
+    An immutable tuple rather than a frozen dataclass: the relay builds one per
+    message (the upstream's final reply), and a tuple is several times cheaper to
+    build than a frozen dataclass's attribute-by-attribute __init__.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, code: int, status: str, text: str) -> Reply:
+        if status:
+            line = f"{code} {status} {text}" if text else f"{code} {status}"
+        else:
+            line = f"{code} {text}" if text else str(code)
+        return tuple.__new__(cls, (code, status, text, line))
+
+    def __getnewargs__(self) -> tuple[int, str, str]:  # copy and pickle call __new__ with these
+        return self.code, self.status, self.text
+
+    def __repr__(self) -> str:
+        return f"Reply(code={self.code!r}, status={self.status!r}, text={self.text!r})"
 
     @property
     def ok(self) -> bool:
@@ -69,8 +83,7 @@ class Signal(enum.StrEnum):
     NEUTRAL = "neutral"
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
+class SendResult(NamedTuple):  # a tuple: one per transaction, the cheapest value to build
     """The outcome of one upstream transaction that the upstream answered.
 
     refused: per-recipient RCPT refusals; a recipient absent here was accepted at RCPT.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -54,6 +55,50 @@ JOBS_PER_TURN = 64
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 
 
+class _Slots:
+    """The concurrency bound: a count of free delivery slots that `run` takes one by one.
+
+    asyncio.Semaphore.acquire is a coroutine that scans its waiters on every call (and
+    release a method chain): 5k instructions a message; taking a free slot here is a
+    decrement, and only an exhausted count waits.
+    """
+
+    __slots__ = ("_waiters", "free")
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<_Slots free={self.free} waiting={len(self._waiters)}>"
+
+    def take(self) -> bool:
+        """Take a slot if one is free."""
+        if self.free > 0:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting (first come, first served) until one is free."""
+        while not self.take():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        self.free += 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -75,7 +120,7 @@ class Dispatcher:
         self._policy = policy
         self._clock = clock
         self._hostname = hostname
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = _Slots(concurrency)
         self._concurrency = concurrency
         self._owed = 0  # slots to swallow on release after a reload shrank the concurrency
         self._rng = rng or random.Random()
@@ -192,12 +237,15 @@ class Dispatcher:
             taken += 1
             if taken % JOBS_PER_TURN == 0:
                 await asyncio.sleep(0)  # let the loop turn: see JOBS_PER_TURN
-            await self._slots.acquire()
-            try:
-                job = await self._scheduler.next()
-            except BaseException:
-                self._release_slot()
-                raise
+            if not self._slots.take():
+                await self._slots.acquire()
+            job = self._scheduler.due()  # without a coroutine while jobs are due now
+            if job is None:
+                try:
+                    job = await self._scheduler.next()
+                except BaseException:
+                    self._release_slot()
+                    raise
             if job.held:  # held while it waited: it waits for a release now
                 self._drop_hot(job)
                 self._release_slot()
@@ -249,11 +297,16 @@ class Dispatcher:
     def _dispatch(self, job: Job) -> float | None:
         """Send the job on its way; or return how long to wait for a rate token."""
         meta = job.meta  # a cold job (None) has recipients pending: see enqueue
-        if meta is not None and not job.progress.pending(meta.envelope.rcpt_tos):
-            self._start(job, self._finish(job, meta, job.body))
+        progress = job.progress
+        if (
+            meta is not None
+            and (progress.delivered or progress.failed)  # else all pending, as usual
+            and not progress.pending(meta.envelope.rcpt_tos)
+        ):
+            self._start(job, self._guarded(job, self._finish(job, meta, job.body)))
             return None
         if self._policy.expired(self._clock.wall() - job.received_wall):
-            self._start(job, self._expire(job))
+            self._start(job, self._guarded(job, self._expire(job)))
             return None
         now = self._clock.monotonic()
         choice = self._registry.choose(now, job.avoid, job.pool)
@@ -272,8 +325,9 @@ class Dispatcher:
         return None
 
     def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (guarded: it releases the job's slot and running mark) as a task."""
         self._running.add(job.queue_id)
-        task = spawn(self._guarded(job, work), name=f"deliver:{job.queue_id}")
+        task = spawn(work, name=f"deliver:{job.queue_id}")
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
@@ -333,18 +387,20 @@ class Dispatcher:
             await work
         except asyncio.CancelledError:
             raise
-        except SpoolError as exc:  # e.g. the DSN could not be spooled: try again later
-            log.error("delivery.spool_error queue_id=%s error=%s", job.queue_id, exc)
-            self._drop_hot(job)
-            self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
-        except Exception:
-            # Never lose a message to a bug: it stays spooled and is retried later.
-            log.exception("delivery.crashed queue_id=%s", job.queue_id)
-            self._drop_hot(job)
-            self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
+        except Exception as exc:
+            self._retry_later(job, exc)
         finally:
             self._running.discard(job.queue_id)
             self._release_slot()
+
+    def _retry_later(self, job: Job, exc: Exception) -> None:
+        """An attempt, expiry or bounce raised: the message stays spooled, retried later."""
+        if isinstance(exc, SpoolError):  # e.g. the DSN could not be spooled
+            log.error("delivery.spool_error queue_id=%s error=%s", job.queue_id, exc)
+        else:  # never lose a message to a bug
+            log.error("delivery.crashed queue_id=%s", job.queue_id, exc_info=exc)
+        self._drop_hot(job)
+        self._scheduler.add(job, self._clock.monotonic() + self._policy.initial_s)
 
     async def _load(self, job: Job) -> tuple[MessageMeta, bytes] | None:
         """The job's envelope and body: in memory while hot, else read from the spool."""
@@ -364,28 +420,78 @@ class Dispatcher:
             return None
 
     async def _attempt(self, job: Job, pick: Pick) -> None:
-        reported = False
+        """Relay one message to `pick`'s upstream, guarded like `_guarded`.
+
+        One coroutine for the whole common case (hot job, one transaction, every
+        recipient accepted): a task resumes every frame of its await chain each time
+        the upstream answers, so every layer here costs once per round trip.
+        """
+        reported = False  # once True, the breaker heard this attempt's verdict
         try:
-            reported = await self._send(job, pick)
+            meta, body = job.meta, job.body
+            if meta is None or body is None:
+                loaded = await self._load(job)
+                if loaded is None:
+                    return
+                meta, body = loaded
+            upstream = pick.upstream
+            env = meta.envelope
+            pending = job.progress.pending(env.rcpt_tos)
+            self.attempts += 1
+            started = self._clock.monotonic()
+            if not 0 < len(pending) <= upstream.config.max_recipients_per_message:
+                verdict = await self._send_chunks(upstream, env, pending, body)
+            else:
+                result: SendResult | UpstreamError
+                try:
+                    result = await upstream.send(
+                        env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+                    )
+                except UpstreamError as exc:
+                    result = exc
+                if (
+                    self._events is None
+                    and type(result) is SendResult
+                    and not result.refused
+                    and result.final.ok
+                ):
+                    # What classify would say: every recipient DELIVERED, SUCCESS.
+                    now = self._clock.monotonic()
+                    upstream.metrics.answered(now - started)
+                    self._registry.record_success(pick, now)
+                    reported = True
+                    self._settle_delivered(job, upstream, result.queue_id, pending)
+                    if job.progress.failed:  # earlier attempts failed some: bounce them
+                        await self._finish(job, meta, body)
+                    else:
+                        self._complete(job, meta)
+                    return
+                verdict = classify(result, pending)
+            upstream.metrics.attempted(
+                self._clock.monotonic() - started, answered=verdict.signal is Signal.SUCCESS
+            )
+            self._registry.record(pick, verdict.signal, verdict.reason)
+            if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
+                self._arm_opening_timer(self._clock.monotonic())
+            await self._settle(job, upstream, verdict, meta, body)
+            reported = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._retry_later(job, exc)
         finally:
             if not reported:  # a half-open breaker must not wait forever for this probe
                 self._registry.abandon(pick)
+            self._running.discard(job.queue_id)
+            self._release_slot()
 
-    async def _send(self, job: Job, pick: Pick) -> bool:
-        """Relay one message; True once the upstream's verdict was recorded."""
-        loaded = await self._load(job)
-        if loaded is None:
-            return False
-        meta, body = loaded
-        upstream = pick.upstream
-        env = meta.envelope
-        pending = job.progress.pending(env.rcpt_tos)
-        self.attempts += 1
-        started = self._clock.monotonic()
+    async def _send_chunks(
+        self, upstream: Upstream, env: Envelope, pending: tuple[str, ...], body: bytes
+    ) -> Verdict:
+        """RFC 5321 §4.5.3.1.8: a relay may cap recipients per transaction; split, and
+        track every recipient. After a broken session the remaining chunks wait."""
         verdicts: list[Verdict] = []
         limit = upstream.config.max_recipients_per_message
-        # RFC 5321 §4.5.3.1.8: a relay may cap recipients per transaction; split, and
-        # track every recipient. After a broken session the remaining chunks wait.
         for first in range(0, len(pending), limit):
             chunk = pending[first : first + limit]
             if verdicts and verdicts[-1].signal is not Signal.SUCCESS:
@@ -399,17 +505,24 @@ class Dispatcher:
             except UpstreamError as exc:
                 result = exc
             verdicts.append(classify(result, chunk))
-        upstream.metrics.seconds.observe(self._clock.monotonic() - started)
-        verdict = verdicts[0] if len(verdicts) == 1 else merge(verdicts)
-        if verdict.signal is Signal.SUCCESS:
-            upstream.metrics.attempt_ok.inc()
-        else:
-            upstream.metrics.attempt_broken.inc()
-        self._registry.record(pick, verdict.signal, verdict.reason)
-        if verdict.signal is not Signal.SUCCESS and self._scheduler.parked:
-            self._arm_opening_timer(self._clock.monotonic())
-        await self._settle(job, upstream, verdict, meta, body)
-        return True
+        return verdicts[0] if len(verdicts) == 1 else merge(verdicts)
+
+    def _settle_delivered(
+        self, job: Job, upstream: Upstream, upstream_queue_id: str, rcpts: tuple[str, ...]
+    ) -> None:
+        """`_settle`'s bookkeeping for an attempt that delivered every recipient it tried
+        (no events configured); the caller finishes the message."""
+        upstream.metrics.delivered.inc()
+        log.info(
+            "delivery.delivered queue_id=%s upstream=%s rcpts=%d upstream_queue_id=%s",
+            job.queue_id,
+            upstream.name,
+            len(rcpts),
+            upstream_queue_id,
+        )
+        old = job.progress
+        delivered = old.delivered | frozenset(rcpts) if old.delivered else frozenset(rcpts)
+        job.progress = Progress(delivered, old.failed, old.attempts + 1)
 
     async def _settle(
         self, job: Job, upstream: Upstream, verdict: Verdict, meta: MessageMeta, body: bytes
@@ -511,9 +624,15 @@ class Dispatcher:
                     return
                 body = loaded[1]
             await self._bounce(job, meta, body)
-        await self._store.remove(meta)
+        self._complete(job, meta)
+
+    def _complete(self, job: Job, meta: MessageMeta) -> None:
+        """Off the spool (its done mark goes out with this loop turn's) and forgotten."""
+        self._store.remove_soon(meta)
         self._jobs.pop(meta.queue_id, None)
-        self._drop_hot(job)
+        if job.body is not None:  # _drop_hot's part that matters for a finished job
+            self._hot_bytes -= len(job.body)
+            job.body = None
         self.completed += 1
 
     async def _bounce(self, job: Job, meta: MessageMeta, body: bytes) -> None:

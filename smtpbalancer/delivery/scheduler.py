@@ -140,6 +140,22 @@ class Scheduler:
             self._released.setdefault(pool, now)
         self._wakeup.set()
 
+    def due(self) -> Job | None:
+        """What `next` would return at once, without awaiting it; None when `next` would
+        wait, or has parked jobs to let out (then await `next`)."""
+        if self._released:
+            return None
+        heap = self._heap
+        if not heap:
+            return None
+        now = self._clock.monotonic()
+        while heap and heap[0][0] <= now:
+            _, entry, job = heapq.heappop(heap)
+            if entry == job.entry:  # else stale: rescheduled or discarded since
+                job.entry = -1
+                return job
+        return None
+
     async def next(self) -> Job:
         """The earliest job whose due time has come; waits without spinning."""
         while True:

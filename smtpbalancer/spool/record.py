@@ -20,12 +20,14 @@ a corrupt entry is quarantined, never delivered. No I/O here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, NamedTuple
 
 from smtpbalancer.envelope import DEFAULT_POOL, Envelope
 from smtpbalancer.errors import SpoolCorrupt
@@ -35,10 +37,10 @@ PROGRESS_MAGIC = b"SMTPS1"
 MAX_HEADER_LINE = 80
 _JSON = json.JSONDecoder()
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_QUOTE = json.encoder.encode_basestring  # a str as a JSON string, ensure_ascii=False (C)
 
 
-@dataclass(frozen=True, slots=True)
-class MessageMeta:
+class MessageMeta(NamedTuple):  # a tuple: one per stored message, the cheapest to build
     queue_id: str
     envelope: Envelope
     received_wall: float
@@ -57,12 +59,14 @@ class Failure:
     at_wall: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
+_NO_FAILURES: Final[Mapping[str, Failure]] = MappingProxyType({})
+
+
+class Progress(NamedTuple):  # a tuple: replaced after every attempt, the cheapest to build
     """Settled recipients of one message. Recipients in neither set are pending."""
 
     delivered: frozenset[str] = frozenset()
-    failed: Mapping[str, Failure] = field(default_factory=dict)
+    failed: Mapping[str, Failure] = _NO_FAILURES  # never changed in place: replaced
     attempts: int = 0
 
     def pending(self, rcpts: tuple[str, ...]) -> tuple[str, ...]:
@@ -81,25 +85,42 @@ def encode_message(meta: MessageMeta, body: bytes) -> tuple[bytes, int]:
 
 
 def encode_prefix(meta: MessageMeta, body_len: int, body_crc: int) -> bytes:
-    """The header line and metadata of a record whose body has this length and crc."""
+    """The header line and metadata of a record whose body has this length and crc.
+
+    The metadata is, byte for byte, json.dumps(doc, ensure_ascii=False,
+    separators=(",", ":")) of the dict {"id", "from", "rcpts", "received", "client",
+    "smtputf8", "8bit", "size"[, "pool"][, "msgid"][, "tags"]} in that order (recovery's
+    _PEEK reads the first keys), assembled here around the encoder's own C quoting of
+    each string: JSONEncoder.encode set up a new encoder on every call, which was most of
+    the cost of storing a message (tests/unit/test_record.py compares the two).
+    """
     env = meta.envelope
-    doc = {
-        "id": meta.queue_id,
-        "from": env.mail_from,
-        "rcpts": list(env.rcpt_tos),
-        "received": meta.received_wall,
-        "client": meta.client,
-        "smtputf8": env.smtputf8,
-        "8bit": env.body_8bit,
-        "size": body_len,
-    }
+    received = meta.received_wall
+    parts = [
+        '{"id":',
+        _QUOTE(meta.queue_id),
+        ',"from":',
+        _QUOTE(env.mail_from),
+        ',"rcpts":[',
+        ",".join(map(_QUOTE, env.rcpt_tos)),
+        '],"received":',
+        repr(received) if math.isfinite(received) else _ENCODE(received),
+        ',"client":',
+        _QUOTE(meta.client),
+        ',"smtputf8":true' if env.smtputf8 else ',"smtputf8":false',
+        ',"8bit":true' if env.body_8bit else ',"8bit":false',
+        ',"size":',
+        repr(body_len),
+    ]
     if env.pool != DEFAULT_POOL:  # optional keys: absent in older records
-        doc["pool"] = env.pool
+        parts += (',"pool":', _QUOTE(env.pool))
     if env.message_id:
-        doc["msgid"] = env.message_id
+        parts += (',"msgid":', _QUOTE(env.message_id))
     if env.tags:
-        doc["tags"] = [list(pair) for pair in env.tags]
-    meta_bytes = _ENCODE(doc).encode()
+        tags = ",".join(f"[{_QUOTE(name)},{_QUOTE(value)}]" for name, value in env.tags)
+        parts += (',"tags":[', tags, "]")
+    parts.append("}")
+    meta_bytes = "".join(parts).encode()
     head = b"%s %d %d %08x %08x\n" % (
         MESSAGE_MAGIC,
         len(meta_bytes),

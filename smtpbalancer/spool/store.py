@@ -291,14 +291,19 @@ class SpoolStore:
     def _release(self, queue_id: str, slot: Slot, *, mark: bool) -> _Cleanup:
         """A copy of a message stops being live (finished, or moved): occupancy's verdict
         and the cleanup thread's work for it."""
+        # Once per finished message: positional tuples, no call that has nothing to do.
         seq = slot.seq
         sidecars = False
-        if self._index.get(queue_id) is None:  # the message itself is gone
-            sidecars = queue_id in self._sidecars
+        if queue_id in self._sidecars and queue_id not in self._index:  # the message is gone
+            sidecars = True
             self._sidecars.discard(queue_id)
         if seq == LEGACY:
-            return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars)
-        action = self._occupancy.remove(seq, slot.length)
+            return _Cleanup(queue_id, seq, mark, sidecars)
+        action = self._occupancy.remove(seq, slot.head_len + slot.body_size)
+        if action is Action.NONE:
+            if self._sparse:  # recovery left segments to compact: a removal starts it
+                self._compact_later()
+            return _Cleanup(queue_id, seq, mark, sidecars)
         if action is Action.ROTATE:
             self._rotate = True
         self._compact_later(seq if action is Action.COMPACT else None)
@@ -306,7 +311,7 @@ class SpoolStore:
         if action is Action.RECLAIM:
             self._marks.retire(seq)  # before the thread may unlink its .done
             reclaim = seq
-        return _Cleanup(queue_id, seq, mark=mark, sidecars=sidecars, reclaim=reclaim)
+        return _Cleanup(queue_id, seq, mark, sidecars, reclaim)
 
     # --- the write path ----------------------------------------------------------------
 
@@ -318,7 +323,7 @@ class SpoolStore:
         queue_id = queue_id or self._ids.next(wall)
         meta = MessageMeta(queue_id, envelope, wall, len(body), client, zlib.crc32(body))
         prefix = record.encode_prefix(meta, meta.body_size, meta.body_crc)
-        await self._commits.submit(_Pending(queue_id, wall, prefix, body))
+        await self._commits.queue(_Pending(queue_id, wall, prefix, body))
         return meta
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
@@ -330,14 +335,16 @@ class SpoolStore:
         # On the loop, between batches: the writer is idle, its seq is stable.
         if not isinstance(outcome, Exception):
             seq, offsets = outcome
+            index, occupancy = self._index, self._occupancy
             for pending, offset in zip(batch, offsets, strict=True):
                 size = len(pending.body)
-                slot = Slot(seq, offset, len(pending.prefix), size, pending.received_wall)
+                head_len = len(pending.prefix)
+                slot = Slot(seq, offset, head_len, size, pending.received_wall)
                 if pending.moved_from is not None:
                     self._moved(pending.queue_id, slot, pending.moved_from)
                     continue
-                self._index[pending.queue_id] = slot
-                self._occupancy.add(seq, offset, slot.length)
+                index[pending.queue_id] = slot
+                occupancy.add(seq, offset, head_len + size)
                 self.messages += 1
                 self.bytes += size
         left, action = self._occupancy.switch(self._writer.seq)
@@ -466,6 +473,17 @@ class SpoolStore:
             self.bytes -= slot.body_size
             await self._finish(self._release(meta.queue_id, slot, mark=True))
 
+    def remove_soon(self, meta: MessageMeta) -> None:
+        """`remove` without waiting for the mark: it is written with this loop turn's marks
+        (its cleanup thread's work, if any, is queued). The wait bought nothing a crash
+        would respect: the mark is not fsync'd either way, so a crash before or after it
+        is written means a redelivery at worst (dup-ok)."""
+        slot = self._index.pop(meta.queue_id, None)
+        if slot is not None:
+            self.messages -= 1
+            self.bytes -= slot.body_size
+            self._post(self._release(meta.queue_id, slot, mark=True))
+
     async def _finish(self, cleanup: _Cleanup) -> None:
         # Every cleanup goes through here or _post: a plain mark to the loop's appender.
         if cleanup.plain:
@@ -474,8 +492,9 @@ class SpoolStore:
             await self._cleanups.submit(cleanup)
 
     def _post(self, cleanup: _Cleanup) -> None:
-        if cleanup.plain:
-            self._marks.post(cleanup.seq, cleanup.queue_id)
+        queue_id, seq, mark, sidecars, reclaim = cleanup
+        if mark and seq != LEGACY and not sidecars and reclaim is None:  # cleanup.plain, inline
+            self._marks.post(seq, queue_id)
         else:
             self._cleanups.post(cleanup)
 

@@ -154,6 +154,14 @@ class SegmentWriter:
 
 def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
     """Write every buffer at `offset` on, with as few pwritev calls as the kernel allows."""
+    if len(buffers) <= _IOV_MAX:  # the usual batch: one call writes it all
+        written = os.pwritev(fd, buffers, offset)
+        if written == sum(map(len, buffers)):
+            return
+        if written == 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        buffers = _after(buffers, written)
     views = [memoryview(b) for b in buffers if b]
     first = 0
     while first < len(views):
@@ -166,3 +174,15 @@ def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
             first += 1
         if written:
             views[first] = views[first][written:]
+
+
+def _after(buffers: list[bytes], written: int) -> list[bytes]:
+    """What remains of `buffers` once their first `written` bytes are out."""
+    rest: list[bytes] = []
+    for b in buffers:
+        if written >= len(b):
+            written -= len(b)
+        else:
+            rest.append(b[written:])
+            written = 0
+    return rest

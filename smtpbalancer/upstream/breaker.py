@@ -62,6 +62,7 @@ class Breaker:
         self._policy = policy
         self._rand = rand
         self._state = BreakerState.CLOSED
+        self.closed = True  # _state is CLOSED: read per message, so a plain attribute
         self._since = 0.0
         self._failures = 0
         self._reopens = 0  # opens since the last close: the exponent of the open period
@@ -154,5 +155,6 @@ class Breaker:
             raise AssertionError(f"breaker: illegal {self._state} -> {new}")
         change = Transition(self._state, new, reason)
         self._state, self._since, self._failures, self._probe = new, now, 0, None
+        self.closed = new is BreakerState.CLOSED
         self._ticket += 1
         return change

@@ -105,6 +105,8 @@ class UpstreamConnection:
         self._security = security
         self._wire: ReplyReader | None = None
         self._extensions: dict[str, str] = {}  # EHLO keyword (lower case) -> its parameters
+        # What `send` asks of _extensions per transaction, looked up once per EHLO.
+        self._pipelining = self._8bitmime = self._smtputf8 = False
         self.messages = 0  # transactions attempted on this connection
         self.broken = False
         self.idle_since = 0.0
@@ -156,13 +158,19 @@ class UpstreamConnection:
     async def _hello(self, stage: str) -> None:
         code, text = await self._ask(self._hello_line, stage)
         if code == 250:
-            self._extensions = _extensions(text)
+            self._learn(_extensions(text))
             return
         if code != 421:  # an old server: HELO, and no extensions
             code, text = await self._ask(b"HELO" + self._hello_line[4:], stage)
         if code != 250:
             raise self._broken("greeting" if stage == "connect" else stage, text, code)
-        self._extensions = {}
+        self._learn({})
+
+    def _learn(self, extensions: dict[str, str]) -> None:
+        self._extensions = extensions
+        self._pipelining = "pipelining" in extensions
+        self._8bitmime = "8bitmime" in extensions
+        self._smtputf8 = "smtputf8" in extensions
 
     async def _starttls(self) -> None:
         mode = self._security.tls
@@ -230,17 +238,79 @@ class UpstreamConnection:
     ) -> SendResult:
         """Run one transaction. Raises UpstreamError if the session breaks.
 
-        The addresses were validated at the front end (no control characters).
+        The addresses were validated at the front end (no control characters). Replies
+        are awaited here, not in helpers: every frame on the await chain is resumed at
+        every reply, so the pipelined path is written out in this one coroutine.
         """
         self.messages += 1
+        envelope = self._envelope(mail_from, rcpts, smtputf8, body_8bit)
+        if isinstance(envelope, SendResult):
+            return envelope
+        commands, asked, refused = envelope
+        wire = self._live_wire("mail")
+        if wire.unread:  # it spoke while idle: replies would be off by one
+            raise self._broken("mail", "unexpected reply between transactions")
+        sent = len(commands)
+        if self._pipelining:  # RFC 2920: the whole group in one write
+            try:
+                wire.write(b"".join(commands))
+                waiter = wire.expect(sent, self._timeout_s)
+                if waiter is not None:
+                    await waiter
+                answers = wire.take(sent)
+            except WireError as exc:
+                self._check_421(exc.pending, sent)
+                raise self._broken(_stage(len(exc.pending), sent), exc.reason) from None
+            self._check_421(answers, sent)
+        else:
+            answers = await self._one_by_one(commands)
+        mail_reply = answers[0]
+        if mail_reply[0] != 250:
+            await self._abandon(answers, sent)
+            return SendResult(refused={}, final=Reply.parse(*mail_reply), stage="mail")
+        for rcpt, (code, text) in zip(asked, answers[1:], strict=False):
+            if code != 250 and code != 251:
+                refused[rcpt] = Reply.parse(code, text)
+        if len(refused) == len(rcpts):
+            await self._abandon(answers, sent)
+            return SendResult(refused=refused, final=_ALL_REFUSED, stage="rcpt")
+        code, text = answers[-1]
+        if code != 354:
+            await self._reset("data")
+            return SendResult(refused=refused, final=Reply.parse(code, text))
+        # The body, dots doubled, and the final dot; then its one reply.
+        try:
+            wire.write(_dot_stuffed(body))
+            if wire.needs_drain:  # a large body, or the wire broke
+                await wire.drain()
+            waiter = wire.expect(1, self._timeout_s)
+            if waiter is not None:
+                await waiter
+            code, text = wire.take(1)[0]
+        except WireError as exc:
+            for pending_code, pending_text in exc.pending:
+                if pending_code == 421:
+                    raise self._broken("data", pending_text, 421) from None
+            raise self._broken("data", exc.reason) from None
+        if code == 421:
+            raise self._broken("data", text, 421)
+        final = Reply.parse(code, text)
+        queue_id = upstream_queue_id(final.text) if code == 250 else ""
+        return SendResult(refused, final, queue_id)  # positional: cheaper, once per message
+
+    def _envelope(
+        self, mail_from: str, rcpts: Sequence[str], smtputf8: bool, body_8bit: bool
+    ) -> tuple[list[bytes], list[str], dict[str, Reply]] | SendResult:
+        """MAIL, a RCPT per recipient that can be encoded, and DATA; the recipients asked
+        for and those refused already; or the result when nothing can be sent."""
         encoding = "utf-8" if smtputf8 else "ascii"
         sender = _path(mail_from, encoding)
         if sender is None:
             return SendResult(refused={}, final=_NEEDS_SMTPUTF8, stage="mail")
         mail = b"MAIL FROM:" + sender
-        if body_8bit and self.supports("8bitmime"):
+        if body_8bit and self._8bitmime:
             mail += b" BODY=8BITMIME"
-        if smtputf8 and self.supports("smtputf8"):
+        if smtputf8 and self._smtputf8:
             mail += b" SMTPUTF8"
         commands = [mail + _CRLF]
         refused: dict[str, Reply] = {}
@@ -255,43 +325,7 @@ class UpstreamConnection:
         if not asked:
             return SendResult(refused=refused, final=_ALL_REFUSED, stage="rcpt")
         commands.append(b"DATA\r\n")
-
-        if self._live_wire("mail").unread:  # it spoke while idle: replies would be off by one
-            raise self._broken("mail", "unexpected reply between transactions")
-        if self.supports("pipelining"):
-            answers = await self._round_trip(commands)
-        else:
-            answers = await self._one_by_one(commands)
-        mail_reply = answers[0]
-        if mail_reply[0] != 250:
-            await self._abandon(answers, len(commands))
-            return SendResult(refused={}, final=Reply.parse(*mail_reply), stage="mail")
-        for rcpt, (code, text) in zip(asked, answers[1:], strict=False):
-            if code not in (250, 251):
-                refused[rcpt] = Reply.parse(code, text)
-        if len(refused) == len(rcpts):
-            await self._abandon(answers, len(commands))
-            return SendResult(refused=refused, final=_ALL_REFUSED, stage="rcpt")
-        code, text = answers[-1]
-        if code != 354:
-            await self._reset("data")
-            return SendResult(refused=refused, final=Reply.parse(code, text))
-        final = Reply.parse(*await self._body(body))
-        queue_id = upstream_queue_id(final.text) if final.code == 250 else ""
-        return SendResult(refused=refused, final=final, queue_id=queue_id)
-
-    async def _round_trip(self, commands: list[bytes]) -> list[RawReply]:
-        """RFC 2920: the whole group in one write; the server answers every command."""
-        wire = self._live_wire("mail")
-        try:
-            wire.write(b"".join(commands))
-            answers = await wire.replies(len(commands), self._timeout_s)
-        except WireError as exc:
-            answers = exc.pending
-            self._check_421(answers, len(commands))
-            raise self._broken(_stage(len(answers), len(commands)), exc.reason) from None
-        self._check_421(answers, len(commands))
-        return answers
+        return commands, asked, refused
 
     async def _one_by_one(self, commands: list[bytes]) -> list[RawReply]:
         """Without PIPELINING: stop after a refused MAIL, and before DATA if no RCPT passed."""
@@ -308,29 +342,6 @@ class UpstreamConnection:
             if index == last_rcpt and all(code not in (250, 251) for code, _ in answers[1:]):
                 break
         return answers
-
-    async def _body(self, body: bytes) -> RawReply:
-        """The body after DATA's 354, dots doubled (RFC 5321 §4.5.2), and the final dot.
-
-        Spooled bodies are CRLF-clean (the front end normalised them), so the common case
-        is one C-level replace."""
-        if not _crlf_clean(body):
-            body = _LINE_ENDS.sub(b"\r\n", body)
-        stuffed = body.replace(b"\r\n.", b"\r\n..")
-        if stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        if stuffed and not stuffed.endswith(_CRLF):
-            stuffed += _CRLF
-        wire = self._live_wire("data")
-        try:
-            wire.write(stuffed + b".\r\n")
-            await wire.drain()
-        except WireError as exc:
-            raise self._broken("data", exc.reason) from None
-        answer = await self._ask(None, "data")
-        if answer[0] == 421:
-            raise self._broken("data", answer[1], 421)
-        return answer
 
     async def _abandon(self, answers: list[RawReply], sent: int) -> None:
         """End a transaction that will carry no message: a DATA the server took anyway
@@ -408,6 +419,19 @@ def _extensions(ehlo_reply: str) -> dict[str, str]:
             keyword, params = "auth", f"{keyword[5:]} {params}"
         found[keyword] = f"{found[keyword]} {params}" if keyword in found else params
     return found
+
+
+def _dot_stuffed(body: bytes) -> bytes:
+    """The body as sent after DATA's 354: CRLF line ends, dots doubled (RFC 5321 §4.5.2),
+    and the final dot. Spooled bodies are CRLF-clean (the front end normalised them)."""
+    if not _crlf_clean(body):
+        body = _LINE_ENDS.sub(b"\r\n", body)
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(_CRLF):
+        stuffed += _CRLF
+    return stuffed + b".\r\n"
 
 
 def _crlf_clean(body: bytes) -> bool:

@@ -59,6 +59,18 @@ class Pool:
         self._busy += 1
         return conn
 
+    def acquire_idle(self) -> UpstreamConnection | None:
+        """`acquire` without awaiting, when an idle connection is ready (the common case);
+        None when the caller must `acquire` (open one, or wait). Paired with `release`."""
+        now = self._clock.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable and now - conn.idle_since < self._idle_timeout_s:
+                self._busy += 1
+                return conn
+            self._discard(conn)
+        return None
+
     def release(self, conn: UpstreamConnection, *, completed: bool) -> None:
         """Back to the idle set if its transaction completed and it can take more; else
         closed (a transaction cut short by an error or a cancellation may have replies in
@@ -101,7 +113,8 @@ class Pool:
             self._idle.append(conn)
         else:
             self._discard(conn)
-        self._wake_one()
+        if self._waiters:
+            self._wake_one()
 
     def _discard(self, conn: UpstreamConnection) -> None:
         self._size -= 1

@@ -15,6 +15,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from smtpbalancer import metrics
 from smtpbalancer.clock import Clock
@@ -132,7 +133,9 @@ class Upstream:
         """
         pool = self.pool
         for attempt in (1, 2):
-            conn = await pool.acquire()
+            conn = pool.acquire_idle()
+            if conn is None:
+                conn = await pool.acquire()
             reused = conn.messages > 0
             completed = False
             try:
@@ -187,8 +190,7 @@ class Upstream:
             metrics.forget_upstream(self.name, _STATES, self.config.pool)
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class Pick(NamedTuple):  # a tuple: one per attempt, the cheapest value to build
     """The upstream chosen for one attempt, and the breaker ticket to report back with."""
 
     upstream: Upstream
@@ -230,6 +232,8 @@ class Registry:
             )
             for u in upstreams
         }
+        self._plain: dict[str, tuple[Upstream, ...]] = {}
+        self._index_pools()
         self._selection = SmoothWeighted()
         self.on_recovery: Callable[[], None] = lambda: None
         # (upstream, new breaker state, reason): the app turns these into incident events
@@ -250,6 +254,20 @@ class Registry:
         self._spill = {p.name: p.spill for p in pools if p.spill is not None}
         self.fallback_pool = fallback_pool(names)
 
+    def _index_pools(self) -> None:
+        """Per pool, its primaries if none of them has a rate limit or a daily quota: what
+        `choose` may pick from directly while all of them are steady. Rebuilt whenever
+        `_by_name` or the pools change (construction, reload), the only times a primary
+        can gain or lose a limit."""
+        plain: dict[str, tuple[Upstream, ...]] = {}
+        for pool in self._pools:
+            primaries = tuple(
+                u for u in self._by_name.values() if u.config.pool == pool and not u.config.backup
+            )
+            if primaries and all(u.bucket is None and u.quota is None for u in primaries):
+                plain[pool] = primaries
+        self._plain = plain
+
     def pool_of(self, pool: str) -> str:
         """The pool that serves mail spooled for `pool` (a removed pool's mail: the fallback)."""
         return pool if pool in self._pools else self.fallback_pool
@@ -257,7 +275,29 @@ class Registry:
     def choose(self, now: float, avoid: frozenset[str], pool: str = DEFAULT_POOL) -> Pick | Choice:
         """An upstream of `pool` for the next attempt (token and quota taken, breaker told),
         or why not. A pool with nothing eligible spills into its `spill` pool, if set."""
-        pool = self.pool_of(pool)
+        pool = pool if pool in self._pools else self.fallback_pool
+        primaries = self._plain.get(pool)
+        if primaries is not None and not avoid:
+            # The steady state, decided without a Candidate each: when every primary is
+            # healthy, in service, closed, weighted and past its slow start, the tier is
+            # all of them, each at its full weight and ready (no rate limit, no quota), so
+            # SmoothWeighted picks among them exactly as `_choose_in` would have it do.
+            for u in primaries:
+                if not (
+                    u.healthy
+                    and u.breaker.closed
+                    and not u.drained
+                    and u.weight > 0
+                    and now - u.in_service_since >= u.config.slow_start_s
+                ):
+                    break
+            else:
+                chosen = self._selection.pick_one(primaries)
+                if chosen is not None:
+                    ticket, change = chosen.breaker.begin(now)
+                    if change is not None:
+                        self._log(chosen, change)
+                    return Pick(chosen, ticket)
         choice = self._choose_in(pool, now, avoid)
         spill = self._spill.get(pool)
         if choice.outcome is Outcome.NONE_ELIGIBLE and spill is not None:
@@ -296,16 +336,11 @@ class Registry:
 
     def record(self, pick: Pick, signal: Signal, reason: str) -> None:
         """What the attempt said about the upstream: feeds its breaker and rate controller."""
-        upstream, now = pick.upstream, self._clock.monotonic()
         if signal is Signal.SUCCESS:
-            change = upstream.breaker.record_success(now, pick.ticket)
-            self._log(upstream, change)
-            if change is not None:  # closed again: back in service, ramping up
-                upstream.in_service_since = now
-                self.on_recovery()
-            if upstream.aimd is not None and upstream.aimd.on_success():
-                self._set_rate(upstream, now)
-        elif signal in (Signal.FAILURE, Signal.THROTTLED):
+            self.record_success(pick)
+            return
+        upstream, now = pick.upstream, self._clock.monotonic()
+        if signal in (Signal.FAILURE, Signal.THROTTLED):
             self._log(upstream, upstream.breaker.record_failure(now, reason, pick.ticket))
             aimd = upstream.aimd
             if signal is Signal.THROTTLED and aimd is not None and aimd.on_throttle(now):
@@ -316,6 +351,19 @@ class Registry:
                     reason,
                 )
                 self._set_rate(upstream, now)
+
+    def record_success(self, pick: Pick, now: float | None = None) -> None:
+        """`record` for Signal.SUCCESS (the common case); `now` if the caller just read it."""
+        upstream = pick.upstream
+        if now is None:
+            now = self._clock.monotonic()
+        change = upstream.breaker.record_success(now, pick.ticket)
+        if change is not None:  # closed again: back in service, ramping up
+            self._log(upstream, change)
+            upstream.in_service_since = now
+            self.on_recovery()
+        if upstream.aimd is not None and upstream.aimd.on_success():
+            self._set_rate(upstream, now)
 
     def set_drained(self, name: str, drained: bool) -> bool:
         """Take an upstream out of rotation (in-flight work finishes) or put it back."""
@@ -448,6 +496,7 @@ class Registry:
         retired = [u for name, u in current.items() if nxt.get(name) is not u]
         self._by_name = nxt  # readers see the old map or the new one, never a mix
         self._set_pools(configs, pools)
+        self._index_pools()
         for upstream in retired:
             upstream.retire(lambda name: name in self._by_name)
         self.on_recovery()  # added or re-weighted upstreams may take parked mail now

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 SLOW_START_FLOOR = 0.1
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):  # a tuple: one per upstream per message, the cheapest to build
     name: str
     weight: float  # effective weight (slow start applied); <= 0 = never selected
     backup: bool
@@ -38,11 +37,14 @@ class Outcome(enum.StrEnum):
     NONE_ELIGIBLE = "none_eligible"  # nothing can take mail: park
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(NamedTuple):  # a tuple, like Candidate: one per message
     outcome: Outcome
     name: str = ""
     wait_until: float = 0.0
+
+
+_NONE_ELIGIBLE: Final = Choice(Outcome.NONE_ELIGIBLE)
+_ALL_AVOIDED: Final = Choice(Outcome.ALL_AVOIDED)
 
 
 def slow_start_weight(weight: float, in_service_s: float, window_s: float) -> float:
@@ -60,6 +62,19 @@ def active_tier(candidates: Iterable[Candidate]) -> list[Candidate]:
     return primaries or [c for c in usable if c.backup]
 
 
+class Weighted(Protocol):
+    """What a pick needs of a candidate: a Candidate, or anything named with a weight."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def weight(self) -> float: ...
+
+
+W = TypeVar("W", bound=Weighted)
+
+
 class SmoothWeighted:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
@@ -68,19 +83,28 @@ class SmoothWeighted:
         return f"<SmoothWeighted {self._current}>"
 
     def pick(self, candidates: Iterable[Candidate]) -> str | None:
+        best = self.pick_one(candidates)
+        return None if best is None else best.name
+
+    def pick_one(self, candidates: Iterable[W]) -> W | None:
+        """`pick`, returning the candidate itself. The caller may pass its own objects
+        when it knows them all eligible, ready and at full weight (see Registry.choose)."""
+        current = self._current
         total = 0.0
-        best: str | None = None
+        best: W | None = None
         best_value = 0.0
         for c in candidates:
-            if c.weight <= 0:
+            weight = c.weight
+            if weight <= 0:
                 continue
-            value = self._current.get(c.name, 0.0) + c.weight
-            self._current[c.name] = value
-            total += c.weight
+            name = c.name
+            value = current.get(name, 0.0) + weight
+            current[name] = value
+            total += weight
             if best is None or value > best_value:
-                best, best_value = c.name, value
+                best, best_value = c, value
         if best is not None:
-            self._current[best] = best_value - total
+            current[best.name] = best_value - total
         return best
 
     def choose(
@@ -88,11 +112,11 @@ class SmoothWeighted:
     ) -> Choice:
         tier = active_tier(candidates)
         if not tier:
-            return Choice(Outcome.NONE_ELIGIBLE)
-        fresh = [c for c in tier if c.name not in avoid]
+            return _NONE_ELIGIBLE
+        fresh = [c for c in tier if c.name not in avoid] if avoid else tier
         if not fresh:
-            return Choice(Outcome.ALL_AVOIDED)
-        name = self.pick(c for c in fresh if c.ready_at <= now)
+            return _ALL_AVOIDED
+        name = self.pick([c for c in fresh if c.ready_at <= now])
         if name is None:
             return Choice(Outcome.WAIT, wait_until=min(c.ready_at for c in fresh))
         return Choice(Outcome.PICKED, name)

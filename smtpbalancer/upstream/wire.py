@@ -27,6 +27,10 @@ MAX_REPLY_LINES: Final = 256
 RawReply = tuple[int, str]
 
 
+# "000".."999" -> int: a reply code checked (three ASCII digits) and converted in one lookup.
+_CODES: Final = {f"{n:03d}": n for n in range(1000)}
+
+
 class WireError(Exception):
     """The session cannot go on: lost, timed out or spoke nonsense."""
 
@@ -44,7 +48,8 @@ class ReplyReader(asyncio.Protocol):
         self._ready: deque[RawReply] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 0
-        self._broken: str | None = None
+        self._broken: str | None = None  # why the wire broke
+        self.broken = False  # _broken is set: read per transaction, so a plain attribute
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
         # One watchdog timer, not one per round trip: `replies` sets the deadline and arms
@@ -60,15 +65,38 @@ class ReplyReader(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            self._line(buffer[start:end])
-            start = end + 1
-        self._buffer = buffer[start:]
+        if self._buffer:
+            data = self._buffer + data
+        # The usual segment is ASCII, and each of its LFs ends a CRLF: then it is decoded
+        # once and split at CRLF (a line's length in characters is its length in bytes).
+        # Anything else goes line by line in bytes, through _line.
+        lines: list[str] | None = None
+        if data.isascii():
+            lines = data.decode("ascii").split("\r\n")
+            if data.count(b"\n") != len(lines) - 1:
+                lines = None
+        if lines is None:
+            raw_lines = data.split(b"\n")
+            self._buffer = raw_lines.pop()  # what follows the last line end
+            for raw in raw_lines:
+                self._line(raw[:-1] if raw.endswith(b"\r") else raw)
+        else:
+            tail = lines.pop()
+            self._buffer = tail.encode("ascii") if tail else b""
+            ready = self._ready
+            for line in lines:
+                # The common reply, inline: one line, "NNN text", nothing broken or pending.
+                code = _CODES.get(line[:3])
+                if (
+                    code is not None
+                    and line[3:4] == " "
+                    and self._broken is None
+                    and not self._lines
+                    and len(line) <= MAX_REPLY_LINE
+                ):
+                    ready.append((code, line[4:]))
+                else:
+                    self._line(line.encode("ascii"))
         if len(self._buffer) > MAX_REPLY_LINE:
             self._break("reply line too long")
         waiter = self._waiter
@@ -95,10 +123,6 @@ class ReplyReader(asyncio.Protocol):
     # --- for connection.py ---------------------------------------------------------------
 
     @property
-    def broken(self) -> bool:
-        return self._broken is not None
-
-    @property
     def unread(self) -> int:
         """Replies that arrived and nobody asked for yet."""
         return len(self._ready)
@@ -107,6 +131,11 @@ class ReplyReader(asyncio.Protocol):
         if self._broken is not None or self.transport is None:
             raise WireError(self._broken or "not connected")
         self.transport.write(data)
+
+    @property
+    def needs_drain(self) -> bool:
+        """Whether `drain` has anything to do (wait, or raise): a check, not a coroutine."""
+        return self._paused or self._broken is not None
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark (large bodies)."""
@@ -118,54 +147,71 @@ class ReplyReader(asyncio.Protocol):
 
     async def replies(self, count: int, timeout_s: float) -> list[RawReply]:
         """The next `count` replies, in order. Raises WireError."""
-        if len(self._ready) < count:
-            if self._broken is not None:
-                raise WireError(self._broken, self._take(len(self._ready)))
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            self._wanted = count
-            self._deadline = deadline = loop.time() + timeout_s
-            self._timeout_s = timeout_s
-            timer = self._timer
-            if timer is None or timer.when() > deadline:
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(deadline, self._watch)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-            if len(self._ready) < count:
-                raise WireError(self._broken or "no reply", self._take(len(self._ready)))
-        return self._take(count)
+        waiter = self.expect(count, timeout_s)
+        if waiter is not None:
+            await waiter
+        return self.take(count)
 
-    def _take(self, count: int) -> list[RawReply]:
+    def expect(self, count: int, timeout_s: float) -> asyncio.Future[None] | None:
+        """`replies` in two steps, for a caller that awaits the future itself (one frame
+        fewer on its await chain): None if `count` replies are in already, else a future
+        that completes once they are, or the wire broke or timed out. Then `take(count)`.
+        """
+        if len(self._ready) >= count or self._broken is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._wanted = count
+        self._deadline = deadline = loop.time() + timeout_s
+        self._timeout_s = timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._watch)
+        return waiter
+
+    def take(self, count: int) -> list[RawReply]:
+        """The next `count` replies, once `expect` said they are in. Raises WireError (with
+        the replies that did arrive) if the wire broke or timed out first."""
         ready = self._ready
+        if len(ready) < count:
+            raise WireError(
+                self._broken or "no reply", [ready.popleft() for _ in range(len(ready))]
+            )
+        if count == len(ready):  # the usual: exactly what was asked for
+            answers = list(ready)
+            ready.clear()
+            return answers
         return [ready.popleft() for _ in range(count)]
 
     # --- inside ---------------------------------------------------------------------------
 
     def _line(self, raw: bytes) -> None:
+        """Any reply line but the common one data_received takes itself (its CR gone)."""
         if self._broken is not None:
             return
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
         code = raw[:3]
         separator = raw[3:4]
         if len(raw) > MAX_REPLY_LINE or not code.isdigit() or separator not in (b"", b" ", b"-"):
             self._break("malformed reply")
             return
-        self._lines.append(raw[4:].decode("utf-8", "surrogateescape"))
+        text = raw[4:].decode("utf-8", "surrogateescape")
         if separator == b"-":
+            self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 self._break("reply has too many lines")
             return
-        self._ready.append((int(code), "\n".join(self._lines)))
-        self._lines = []
+        if self._lines:  # the last line of a multi-line reply
+            self._lines.append(text)
+            text = "\n".join(self._lines)
+            self._lines = []
+        self._ready.append((int(code), text))
 
     def _break(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
+            self.broken = True
             if self.transport is not None:
                 self.transport.close()
             if self._timer is not None:

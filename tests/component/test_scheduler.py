@@ -56,3 +56,23 @@ async def test_a_parked_job_added_again_is_no_longer_parked() -> None:
     scheduler.discard(parked)
     scheduler.unpark_all()
     assert await drain(scheduler) == []
+
+
+async def test_due_hands_out_what_next_would_without_waiting() -> None:
+    clock = SystemClock()
+    scheduler = Scheduler(clock)
+    first, second, later, stale = job("FIRST"), job("SECOND"), job("LATER"), job("STALE")
+    scheduler.add(stale)
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.add(later, clock.monotonic() + 3600)
+    scheduler.discard(stale)  # its entry is stale: skipped, as next skips it
+    assert scheduler.due() is first and first.entry == -1
+    assert scheduler.due() is second
+    assert scheduler.due() is None  # only the hour-late job is left: next would wait
+    parked = job("PARKED")
+    scheduler.park(parked)
+    scheduler.unpark_all()
+    scheduler.add(job("NOW"))
+    assert scheduler.due() is None  # parked jobs are being let out: next decides the order
+    assert await drain(scheduler) == ["PARKED", "NOW"]

@@ -386,6 +386,29 @@ async def test_a_failed_write_is_cut_back_and_the_next_store_works(
     store.close()
 
 
+async def test_short_writes_are_continued_until_the_batch_is_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwritev
+    calls: list[int] = []
+
+    def short(fd: int, buffers: Any, offset: int) -> int:  # the kernel may stop anywhere
+        data = b"".join(bytes(b) for b in buffers)[:700]
+        calls.append(len(data))
+        return real(fd, [data], offset)
+
+    store, _ = opened(tmp_path)
+    monkeypatch.setattr(os, "pwritev", short)
+    metas = await asyncio.gather(*(store.store(ENV, body_of(i)) for i in range(5)))
+    monkeypatch.setattr(os, "pwritev", real)
+    assert len(calls) > 5, "one batch, written 700 bytes at a time"
+    assert [await store.load_body(m) for m in metas] == [body_of(i) for i in range(5)]
+    store.close()
+    store, found = opened(tmp_path)
+    assert ids(found) == [m.queue_id for m in metas]
+    store.close()
+
+
 async def test_a_cancelled_store_is_still_accounted(tmp_path: Path) -> None:
     store, _ = opened(tmp_path)
     task = asyncio.ensure_future(store.store(ENV, body_of(0)))

@@ -277,3 +277,47 @@ def test_pending_is_neither_delivered_nor_failed_in_order(
     rcpts: tuple[str, ...], pending: tuple[str, ...]
 ) -> None:
     assert PROGRESS.pending(rcpts) == pending
+
+
+def _json_metadata(meta: MessageMeta, body_len: int) -> bytes:
+    """The metadata as the generic JSON encoder wrote it (encode_prefix's reference)."""
+    import json
+
+    env = meta.envelope
+    doc: dict[str, object] = {
+        "id": meta.queue_id,
+        "from": env.mail_from,
+        "rcpts": list(env.rcpt_tos),
+        "received": meta.received_wall,
+        "client": meta.client,
+        "smtputf8": env.smtputf8,
+        "8bit": env.body_8bit,
+        "size": body_len,
+    }
+    if env.pool != "default":
+        doc["pool"] = env.pool
+    if env.message_id:
+        doc["msgid"] = env.message_id
+    if env.tags:
+        doc["tags"] = [list(pair) for pair in env.tags]
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        *ENVELOPES,
+        Envelope('q"uo\\te@x.test', ('a"b@c.test', "tab\there@x.test", "ctl\x01@x.test")),
+        Envelope("a@b.test", ("c@d.test",), pool="bulk", message_id="<1@x.test>"),
+        Envelope("a@b.test", ("c@d.test",), tags=(("X-Campaign", 'say "hi"'), ("X-Ü", "ü\n"))),
+        Envelope("a@b.test", ("c@d.test",), smtputf8=True, body_8bit=True, pool="p\u2028"),
+    ],
+)
+@pytest.mark.parametrize("wall", [1_750_000_000.25, 1795852465.1234567, 0.1, 1e22, 5, 0])
+def test_metadata_is_what_the_json_encoder_wrote(envelope: Envelope, wall: float) -> None:
+    meta = MessageMeta(QID, envelope, received_wall=wall, body_size=7, client='c"l')
+    prefix, body_crc = encode_message(meta, b"7 bytes")
+    assert prefix.split(b"\n", 1)[1] == _json_metadata(meta, 7)
+    assert decode_message_head(QID, prefix + b"7 bytes").meta == MessageMeta(
+        QID, envelope, received_wall=wall, body_size=7, client='c"l', body_crc=body_crc
+    )
