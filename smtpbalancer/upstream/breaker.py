@@ -118,10 +118,13 @@ class Breaker:
             return self._move(BreakerState.HALF_OPEN, now, reason)
         return None
 
-    def abandon(self, ticket: int) -> None:
-        """An attempt ended without an outcome (nothing was sent): free the probe slot."""
+    def abandon(self, ticket: int) -> bool:
+        """An attempt ended without an outcome (nothing was sent): free the probe slot.
+        True if it was the probe, i.e. another attempt may go now."""
         if self._state is BreakerState.HALF_OPEN and ticket == self._probe:
             self._probe = None
+            return True
+        return False
 
     def record_success(self, now: float, ticket: int) -> Transition | None:
         if self._state is BreakerState.HALF_OPEN and ticket == self._probe:

@@ -415,8 +415,12 @@ class Registry:
         ]
 
     def abandon(self, pick: Pick) -> None:
-        """The attempt sent nothing (body unreadable, cancelled): no verdict on the relay."""
-        pick.upstream.breaker.abandon(pick.ticket)
+        """The attempt sent nothing (body unreadable, cancelled): no verdict on the relay.
+
+        An abandoned half-open probe frees the slot: mail parked while it was in flight
+        waits for its outcome (no timer), so it is told the upstream may be tried again."""
+        if pick.upstream.breaker.abandon(pick.ticket):
+            self.on_recovery()
 
     def on_health(self, name: str, healthy: bool, reason: str) -> None:
         """The active health check flipped: the health checker already logged it."""

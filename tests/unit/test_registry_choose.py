@@ -115,3 +115,33 @@ def test_the_steady_shortcut_picks_what_the_candidates_would() -> None:
             assert got == expected
     # Every kind of state came up often: the shortcut, and its boundaries.
     assert min(seen.values()) > 100, seen
+
+
+def test_an_abandoned_probe_tells_parked_mail_to_try_again() -> None:
+    """Mail parked behind a half-open probe has no timer: the probe's outcome unparks it.
+    A probe that sends nothing (its message unreadable) is an outcome too."""
+    clock = ManualClock()
+    registry = Registry(
+        upstreams()[:2],
+        BreakerConfig(failure_threshold=1, open_for_s=3.0, max_open_for_s=10.0),
+        clock,
+        local_hostname="x.test",
+        timeout_s=5.0,
+        rng=random.Random(1),
+    )
+    recoveries: list[float] = []
+    registry.on_recovery = lambda: recoveries.append(clock.now)
+    for name in ("rc-a", "rc-b"):  # both breakers open, a first (weight 3 to 1)
+        pick = registry.choose(clock.now, frozenset(), "default")
+        assert isinstance(pick, Pick) and pick.upstream.name == name
+        registry.record(pick, Signal.FAILURE, "refused")
+    clock.now += 3.0
+    probe = registry.choose(clock.now, frozenset(), "default")
+    assert isinstance(probe, Pick) and probe.upstream.breaker.state is BreakerState.HALF_OPEN
+    registry.abandon(probe)
+    assert recoveries == [clock.now]
+    again = registry.choose(clock.now, frozenset(), "default")
+    assert isinstance(again, Pick)
+    registry.abandon(again)  # the next probe, abandoned too: announced again
+    registry.abandon(probe)  # a stale ticket frees nothing: not announced
+    assert len(recoveries) == 2
