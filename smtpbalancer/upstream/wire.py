@@ -67,11 +67,11 @@ class ReplyReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._buffer:
             data = self._buffer + data
-        # The usual segment is ASCII, and each of its LFs ends a CRLF: then it is decoded
-        # once and split at CRLF (a line's length in characters is its length in bytes).
-        # Anything else goes line by line in bytes, through _line.
+        # The usual segment is short (no line of it can be too long), ASCII, and each of
+        # its LFs ends a CRLF: then it is decoded once and split at CRLF. Anything else
+        # goes line by line in bytes, through _line.
         lines: list[str] | None = None
-        if data.isascii():
+        if data.isascii() and len(data) <= MAX_REPLY_LINE:
             lines = data.decode("ascii").split("\r\n")
             if data.count(b"\n") != len(lines) - 1:
                 lines = None
@@ -84,19 +84,15 @@ class ReplyReader(asyncio.Protocol):
             tail = lines.pop()
             self._buffer = tail.encode("ascii") if tail else b""
             ready = self._ready
+            inline = self._broken is None and not self._lines  # nothing broken or pending
             for line in lines:
-                # The common reply, inline: one line, "NNN text", nothing broken or pending.
-                code = _CODES.get(line[:3])
-                if (
-                    code is not None
-                    and line[3:4] == " "
-                    and self._broken is None
-                    and not self._lines
-                    and len(line) <= MAX_REPLY_LINE
-                ):
+                # The common reply, inline: one line, "NNN text".
+                code = _CODES.get(line[:3]) if inline else None
+                if code is not None and line[3:4] == " ":
                     ready.append((code, line[4:]))
                 else:
                     self._line(line.encode("ascii"))
+                    inline = self._broken is None and not self._lines
         if len(self._buffer) > MAX_REPLY_LINE:
             self._break("reply line too long")
         waiter = self._waiter
