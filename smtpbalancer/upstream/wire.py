@@ -4,10 +4,13 @@ An asyncio Protocol rather than a StreamReader, because the relay leg pipelines
 (RFC 2920): MAIL, every RCPT and DATA go out in one write, and their replies may
 come back in one segment or several. `replies(n)` waits, with one timer, until n
 complete replies are in and hands them out in order; replies that arrive before
-anyone asks are kept, never dropped. The timeout is a deadline per `replies` call,
-watched by one timer per connection that is re-armed only when it fires (a timer
-per round trip was a visible share of the relay leg's CPU). A reply is its code and
-its text lines joined by "\\n" (the continuation lines of a multi-line reply).
+anyone asks are kept, never dropped. (`expect(n)` and `take(n)` are its two halves,
+for connection.py's send, which awaits the future itself.) The timeout is a deadline
+per call, watched by one timer per connection that is re-armed only when it fires (a
+timer per round trip was a visible share of the relay leg's CPU). A reply is its code
+and its text lines joined by "\\n" (the continuation lines of a multi-line reply). The
+usual segment (ASCII, CRLF line ends, one-line replies) is parsed inline in
+data_received; every other line goes through _line.
 
 A broken wire is a `WireError` with a short reason ("connection lost", "timed out
 after 30s", "malformed reply"): connection.py turns it into an UpstreamError with the
