@@ -5,8 +5,9 @@ A finished message's mark is its queue id on a line of its segment's `.done` fil
 at-least-once allows. `append` buffers the id and waits; the first mark of a loop turn
 schedules `flush` with `call_soon`, so every mark made in that turn goes out in one
 os.write per segment, to an O_APPEND fd kept open. Each caller then resumes with its
-mark written (not fsync'd). A failed write is logged and costs a redelivery after a
-crash; it is never raised.
+mark written (not fsync'd); `post` buffers it without waiting (the store's
+`remove_soon`). A failed write is logged and costs a redelivery after a crash; it is
+never raised.
 
 Why on the loop, against the rule that disk work goes to a thread: this is a
 page-cache append (21 bytes a mark), no fsync, once per loop turn rather than once per

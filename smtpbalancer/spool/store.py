@@ -22,7 +22,8 @@ event loop never blocks on the disk.
 
 Completion: `remove` appends the queue id to the segment's .done file without an
 fsync (a lost mark only means a redelivery after a crash, which at-least-once allows)
-and unlinks the message's .state/.hold if it has them. A plain mark is written on the
+and unlinks the message's .state/.hold if it has them; `remove_soon` does the same
+without waiting for it (the dispatcher's way). A plain mark is written on the
 loop, one write per segment per loop turn (marks.py); sidecar and legacy-file unlinks,
 their marks, and reclaims run batched on the cleanup thread. What then happens to
 segments is occupancy.py's call: one with nothing live left is unlinked with its marks

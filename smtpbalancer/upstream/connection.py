@@ -247,7 +247,9 @@ class UpstreamConnection:
         if isinstance(envelope, SendResult):
             return envelope
         commands, asked, refused = envelope
-        wire = self._live_wire("mail")
+        wire = self._wire
+        if wire is None or self.broken:
+            raise self._broken("mail", "not connected")
         if wire.unread:  # it spoke while idle: replies would be off by one
             raise self._broken("mail", "unexpected reply between transactions")
         sent = len(commands)
@@ -261,7 +263,9 @@ class UpstreamConnection:
             except WireError as exc:
                 self._check_421(exc.pending, sent)
                 raise self._broken(_stage(len(exc.pending), sent), exc.reason) from None
-            self._check_421(answers, sent)
+            for code, _ in answers:
+                if code == 421:  # rare: then find which one, and break there
+                    self._check_421(answers, sent)
         else:
             answers = await self._one_by_one(commands)
         mail_reply = answers[0]
@@ -423,8 +427,10 @@ def _extensions(ehlo_reply: str) -> dict[str, str]:
 
 def _dot_stuffed(body: bytes) -> bytes:
     """The body as sent after DATA's 354: CRLF line ends, dots doubled (RFC 5321 §4.5.2),
-    and the final dot. Spooled bodies are CRLF-clean (the front end normalised them)."""
-    if not _crlf_clean(body):
+    and the final dot. Spooled bodies are CRLF-clean (the front end normalised them);
+    three C-level counts make sure: every CR and LF is part of a CRLF pair."""
+    pairs = body.count(b"\r\n")
+    if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
         body = _LINE_ENDS.sub(b"\r\n", body)
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
@@ -432,12 +438,6 @@ def _dot_stuffed(body: bytes) -> bytes:
     if stuffed and not stuffed.endswith(_CRLF):
         stuffed += _CRLF
     return stuffed + b".\r\n"
-
-
-def _crlf_clean(body: bytes) -> bool:
-    """Every CR and LF in `body` is part of a CRLF pair (three C-level counts)."""
-    pairs = body.count(b"\r\n")
-    return body.count(b"\r") == pairs and body.count(b"\n") == pairs
 
 
 def _describe(exc: BaseException) -> str:

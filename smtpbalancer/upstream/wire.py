@@ -4,10 +4,13 @@ An asyncio Protocol rather than a StreamReader, because the relay leg pipelines
 (RFC 2920): MAIL, every RCPT and DATA go out in one write, and their replies may
 come back in one segment or several. `replies(n)` waits, with one timer, until n
 complete replies are in and hands them out in order; replies that arrive before
-anyone asks are kept, never dropped. The timeout is a deadline per `replies` call,
-watched by one timer per connection that is re-armed only when it fires (a timer
-per round trip was a visible share of the relay leg's CPU). A reply is its code and
-its text lines joined by "\\n" (the continuation lines of a multi-line reply).
+anyone asks are kept, never dropped. (`expect(n)` and `take(n)` are its two halves,
+for connection.py's send, which awaits the future itself.) The timeout is a deadline
+per call, watched by one timer per connection that is re-armed only when it fires (a
+timer per round trip was a visible share of the relay leg's CPU). A reply is its code
+and its text lines joined by "\\n" (the continuation lines of a multi-line reply). The
+usual segment (ASCII, CRLF line ends, one-line replies) is parsed inline in
+data_received; every other line goes through _line.
 
 A broken wire is a `WireError` with a short reason ("connection lost", "timed out
 after 30s", "malformed reply"): connection.py turns it into an UpstreamError with the
@@ -67,11 +70,11 @@ class ReplyReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._buffer:
             data = self._buffer + data
-        # The usual segment is ASCII, and each of its LFs ends a CRLF: then it is decoded
-        # once and split at CRLF (a line's length in characters is its length in bytes).
-        # Anything else goes line by line in bytes, through _line.
+        # The usual segment is short (no line of it can be too long), ASCII, and each of
+        # its LFs ends a CRLF: then it is decoded once and split at CRLF. Anything else
+        # goes line by line in bytes, through _line.
         lines: list[str] | None = None
-        if data.isascii():
+        if data.isascii() and len(data) <= MAX_REPLY_LINE:
             lines = data.decode("ascii").split("\r\n")
             if data.count(b"\n") != len(lines) - 1:
                 lines = None
@@ -84,19 +87,15 @@ class ReplyReader(asyncio.Protocol):
             tail = lines.pop()
             self._buffer = tail.encode("ascii") if tail else b""
             ready = self._ready
+            inline = self._broken is None and not self._lines  # nothing broken or pending
             for line in lines:
-                # The common reply, inline: one line, "NNN text", nothing broken or pending.
-                code = _CODES.get(line[:3])
-                if (
-                    code is not None
-                    and line[3:4] == " "
-                    and self._broken is None
-                    and not self._lines
-                    and len(line) <= MAX_REPLY_LINE
-                ):
+                # The common reply, inline: one line, "NNN text".
+                code = _CODES.get(line[:3]) if inline else None
+                if code is not None and line[3:4] == " ":
                     ready.append((code, line[4:]))
                 else:
                     self._line(line.encode("ascii"))
+                    inline = self._broken is None and not self._lines
         if len(self._buffer) > MAX_REPLY_LINE:
             self._break("reply line too long")
         waiter = self._waiter
