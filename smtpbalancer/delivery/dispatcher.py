@@ -33,7 +33,7 @@ from smtpbalancer.delivery.outcome import Fate, Verdict, classify, merge, not_tr
 from smtpbalancer.delivery.retry import RetryPolicy
 from smtpbalancer.delivery.scheduler import NO_AVOID, Job, Scheduler
 from smtpbalancer.envelope import Envelope
-from smtpbalancer.errors import SpoolCorrupt, SpoolError, UpstreamError
+from smtpbalancer.errors import SpoolCorrupt, SpoolError
 from smtpbalancer.events.event import BOUNCED, DEFERRED, DELIVERED, EXPIRED, DeliveryEvent
 from smtpbalancer.events.log import EventLog
 from smtpbalancer.metrics import MESSAGES_BOUNCED
@@ -442,13 +442,9 @@ class Dispatcher:
             if not 0 < len(pending) <= upstream.config.max_recipients_per_message:
                 verdict = await self._send_chunks(upstream, env, pending, body)
             else:
-                result: SendResult | UpstreamError
-                try:
-                    result = await upstream.send(
-                        env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
-                    )
-                except UpstreamError as exc:
-                    result = exc
+                result = await upstream.send(
+                    env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+                )
                 if (
                     self._events is None
                     and type(result) is SendResult
@@ -497,13 +493,9 @@ class Dispatcher:
             if verdicts and verdicts[-1].signal is not Signal.SUCCESS:
                 verdicts.append(not_tried(chunk))
                 continue
-            result: SendResult | UpstreamError
-            try:
-                result = await upstream.send(
-                    env.mail_from, chunk, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
-                )
-            except UpstreamError as exc:
-                result = exc
+            result = await upstream.send(
+                env.mail_from, chunk, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+            )
             verdicts.append(classify(result, chunk))
         return verdicts[0] if len(verdicts) == 1 else merge(verdicts)
 

@@ -125,8 +125,9 @@ class Upstream:
 
     async def send(
         self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool, body_8bit: bool
-    ) -> SendResult:
-        """One transaction on a pooled connection. Raises UpstreamError if the session breaks.
+    ) -> SendResult | UpstreamError:
+        """One transaction on a pooled connection: the relay's answer, or the UpstreamError
+        that broke the session (returned, not raised: the dispatcher classifies both).
 
         A reused connection that turns out to be dead at MAIL (the upstream closed
         it while idle) is not the upstream's fault: retry once on a fresh one.
@@ -135,7 +136,10 @@ class Upstream:
         for attempt in (1, 2):
             conn = pool.acquire_idle()
             if conn is None:
-                conn = await pool.acquire()
+                try:
+                    conn = await pool.acquire()  # opens a session: may break too
+                except UpstreamError as exc:
+                    return exc
             reused = conn.messages > 0
             completed = False
             try:
@@ -146,7 +150,7 @@ class Upstream:
                 return result
             except UpstreamError as exc:
                 if not (attempt == 1 and reused and exc.stage == "mail" and exc.code is None):
-                    raise
+                    return exc
             finally:
                 pool.release(conn, completed=completed)
         raise AssertionError("unreachable")
