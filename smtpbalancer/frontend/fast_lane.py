@@ -278,7 +278,9 @@ class Body:
                 self.too_big = True
             body = b"" if self.too_big else bytes(seen[2 : end + 2])
             return body, bytes(seen[end + _END :])
-        if self._limit and len(seen) - 2 > self._limit:
+        # No end in `seen`, so it can start no earlier than its last 4 bytes ("\r\n.\r"),
+        # and the body is at least len(seen) - 4 octets (the CRLF in front not counted).
+        if self._limit and len(seen) - (_END - 1) > self._limit:
             self.too_big = True
         if self.too_big:
             del seen[: -(_END - 1)]  # what could still start the end

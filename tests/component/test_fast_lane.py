@@ -40,6 +40,10 @@ async def app(tmp_path: Path, sinks) -> AsyncIterator[App]:
         yield started
 
 
+# 2,000 octets as sent, the fixture's max_message_size ("2KB").
+_AT_LIMIT = b"Subject: edge\r\n\r\n" + b"a" * 990 + b"\r\n" + b"b" * 989 + b"\r\n"
+assert len(_AT_LIMIT) == 2000
+
 # A script: (bytes to send, how many replies they get). Lines a client may pipeline
 # are sent together; bodies with what follows them.
 Script = list[tuple[bytes, int]]
@@ -101,6 +105,12 @@ SCRIPTS: dict[str, Script] = {
         (b"DATA\r\n", 1),
         (b"one line\r\n.\r\n", 1),
         (b"QUIT\r\n", 1),
+    ],
+    "a body of exactly the size limit, cut inside its end": [
+        *HELLO,
+        (b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@rcpt.test>\r\nDATA\r\n", 3),
+        (_AT_LIMIT + b".\r", 0),  # the end's last LF comes later
+        (b"\nQUIT\r\n", 2),
     ],
 }
 
