@@ -7,19 +7,29 @@ A batch is capped by item count and bytes; a single item larger than the byte
 cap is a batch of its own. Every caller of a batch gets the same outcome: done,
 or the batch's exception.
 
+When the thread is idle, the first item wakes it:
+- `eager` (the spool's commits, which callers wait for): at once. The thread takes
+  the batch when it next holds the GIL, usually when the loop goes to poll for
+  I/O, so what else the loop adds in the meantime joins it. The commit starts
+  before the loop reads the next sockets instead of after.
+- otherwise (cleanups, which nobody waits for): from the next loop turn, so that a
+  turn's items make one batch.
+The thread takes a batch under a lock that `_add` holds while it appends, so no
+item joins a batch that is already being written.
+
 Memory: items are not copied; the pending batches hold references to what the
 callers already hold (a session's body), so the queue is bounded by the callers
 (sessions, delivery slots), not by this module.
 
 `settle` runs on the event loop after each batch, before any caller resumes, with
 the batch's result or exception: the store indexes what was written there, so a
-caller cancelled meanwhile cannot leave a durable record unaccounted for. The next
-batch is handed to the thread only after that, so the thread and `settle` never
+caller cancelled meanwhile cannot leave a durable record unaccounted for. The thread
+is woken for the next batch only after that, so the thread and `settle` never
 overlap.
 
 Cost per batch (it is on every message's path): one queue put, one
-`call_soon_threadsafe` back, and one plain future per waiting caller; a caller that
-gives up cancels only its own future, never the batch.
+`call_soon_threadsafe` back, and one plain future per waiting caller; per item, one
+uncontended lock. A caller that gives up cancels only its own future, never the batch.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ class Batcher(Generic[T, R]):
         max_items: int,
         max_bytes: int,
         settle: Callable[[list[T], R | Exception], None] | None = None,
+        eager: bool = False,
     ) -> None:
         self._name = name
         self._run = run
@@ -64,11 +75,11 @@ class Batcher(Generic[T, R]):
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._settle = settle
+        self._eager = eager
         self._queue: deque[_Batch[T]] = deque()  # waiting batches; the running one is not here
         self._busy = False  # a batch is running, or the first one is about to start
-        self._work: queue.SimpleQueue[tuple[_Batch[T], asyncio.AbstractEventLoop] | None] = (
-            queue.SimpleQueue()
-        )
+        self._work: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # _queue between `_add` and the thread's take
         self._thread: threading.Thread | None = None  # started with the first batch
         self._closed = False
         self._idle = threading.Event()  # no batch waiting or running (for close, in a thread)
@@ -97,26 +108,30 @@ class Batcher(Generic[T, R]):
 
     def _add(self, item: T, waiter: asyncio.Future[None] | None) -> None:
         size = self._size(item)
-        batch = self._queue[-1] if self._queue else None
-        if (
-            batch is None
-            or len(batch.items) >= self._max_items
-            or (batch.items and batch.size + size > self._max_bytes)
-        ):
-            batch = _Batch()
-            self._queue.append(batch)
-        batch.items.append(item)
-        batch.size += size
-        if waiter is not None:
-            batch.waiters.append(waiter)
+        with self._lock:  # the thread takes batches under it: never one being added to
+            batch = self._queue[-1] if self._queue else None
+            if (
+                batch is None
+                or len(batch.items) >= self._max_items
+                or (batch.items and batch.size + size > self._max_bytes)
+            ):
+                batch = _Batch()
+                self._queue.append(batch)
+            batch.items.append(item)
+            batch.size += size
+            if waiter is not None:
+                batch.waiters.append(waiter)
         if not self._busy:
-            # From the next loop turn: what else arrives in this one joins the batch.
             self._busy = True
             self._idle.clear()
-            asyncio.get_running_loop().call_soon(self._start_next)
+            loop = asyncio.get_running_loop()
+            if self._eager:
+                self._start_next(loop)
+            else:  # from the next loop turn: what else arrives in this one joins the batch
+                loop.call_soon(self._start_next, loop)
 
-    def _start_next(self) -> None:
-        """On the loop: hand the oldest waiting batch to the thread (or fail it, closed)."""
+    def _start_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: wake the thread for the oldest waiting batch (or fail it, closed)."""
         if self._closed:
             while self._queue:
                 self._complete(self._queue.popleft(), SpoolError(f"{self._name} closed"))
@@ -124,33 +139,35 @@ class Batcher(Generic[T, R]):
             self._busy = False
             self._idle.set()
             return
-        batch = self._queue.popleft()
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self._thread.start()
-        self._work.put((batch, asyncio.get_running_loop()))
+        self._work.put(loop)
 
     def _serve(self) -> None:
         # The thread. Every batch it takes is answered on the loop, whatever happens.
-        while (work := self._work.get()) is not None:
-            batch, loop = work
+        while (loop := self._work.get()) is not None:
+            with self._lock:
+                batch = self._queue.popleft()
             outcome: R | BaseException
             try:
                 outcome = self._run(batch.items)
             except BaseException as exc:
                 outcome = exc
             try:
-                loop.call_soon_threadsafe(self._ran, batch, outcome)
+                loop.call_soon_threadsafe(self._ran, batch, outcome, loop)
             except RuntimeError:  # the loop is closed: nobody waits for this batch any more
                 return
 
-    def _ran(self, batch: _Batch[T], outcome: R | BaseException) -> None:
+    def _ran(
+        self, batch: _Batch[T], outcome: R | BaseException, loop: asyncio.AbstractEventLoop
+    ) -> None:
         if isinstance(outcome, BaseException) and not isinstance(outcome, SpoolError):
             # a bug, or the store closed under us
             log.error("spool.batch_failed batcher=%s", self._name, exc_info=outcome)
             outcome = SpoolError(f"{self._name} failed")
         self._complete(batch, outcome)
-        self._start_next()
+        self._start_next(loop)
 
     def _complete(self, batch: _Batch[T], outcome: R | Exception) -> None:
         self.batches += 1

@@ -151,6 +151,7 @@ class SpoolStore:
             max_items=BATCH_RECORDS,
             max_bytes=BATCH_BYTES,
             settle=self._settle,
+            eager=True,
         )
         # Cleanups get their own thread: queued behind fdatasyncs they would lag, and every
         # delivered-but-unmarked message is a duplicate after a crash.
@@ -170,7 +171,10 @@ class SpoolStore:
             compact_min_bytes=IDLE_ROTATE_BYTES,
             idle_rotate_bytes=IDLE_ROTATE_BYTES,
         )
-        self._rotate = False  # ask the writer for a fresh segment at the next batch
+        # Rotation asked for (on the loop) and done (by the commit thread): counts, not one
+        # flag both sides write, so that no request is lost while a batch is being taken.
+        self._rotations_asked = 0
+        self._rotations_done = 0
         self._sidecars: set[str] = set()  # ids that have a .state or .hold file
         self._sparse: dict[int, None] = {}  # segments waiting for compaction, in order
         self._compacting = False
@@ -306,7 +310,7 @@ class SpoolStore:
                 self._compact_later()
             return _Cleanup(queue_id, seq, mark, sidecars)
         if action is Action.ROTATE:
-            self._rotate = True
+            self._rotations_asked += 1
         self._compact_later(seq if action is Action.COMPACT else None)
         reclaim = None
         if action is Action.RECLAIM:
@@ -328,8 +332,10 @@ class SpoolStore:
         return meta
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
-        # The commit thread. `_rotate` was set on the loop before this batch was handed over.
-        rotate, self._rotate = self._rotate, False
+        # The commit thread: a rotation asked for since the last batch applies to this one.
+        asked = self._rotations_asked
+        rotate = asked != self._rotations_done
+        self._rotations_done = asked
         return self._writer.append([(p.queue_id, p.prefix, p.body) for p in batch], rotate=rotate)
 
     def _settle(self, batch: list[_Pending], outcome: tuple[int, list[int]] | Exception) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -91,3 +92,96 @@ async def test_failures_reach_every_caller_as_spool_errors() -> None:
     batcher.close()
     with pytest.raises(SpoolError):
         await batcher.submit(4)  # closed: later submissions never run
+
+
+def make_eager(
+    run: object, settled: list[tuple[list[int], object]] | None = None, *, slow_settle: bool = False
+) -> Batcher[int, int]:
+    def settle(items: list[int], outcome: object) -> None:
+        if slow_settle:
+            time.sleep(0.001)  # lets the thread run, were it woken before settle ends
+        if settled is not None:
+            settled.append((list(items), outcome))
+
+    return Batcher(
+        "test-eager",
+        run,  # type: ignore[arg-type]
+        size=lambda item: item,
+        max_items=3,
+        max_bytes=100,
+        settle=settle,
+        eager=True,
+    )
+
+
+async def test_an_eager_batcher_starts_the_first_batch_without_waiting_for_a_loop_turn() -> None:
+    started = threading.Event()
+
+    def run(items: list[int]) -> int:
+        started.set()
+        return 0
+
+    eager = make_eager(run)
+    waiter = eager.queue(1)
+    # Blocking the loop releases the GIL: only the thread can run the batch now.
+    assert started.wait(5)
+    await waiter
+    eager.close()
+
+    started.clear()
+    lazy, _ = make(run=run)
+    waiter = lazy.queue(1)
+    assert not started.wait(0.2)  # the lazy one waits for the next loop turn
+    await waiter
+    assert started.is_set()
+    lazy.close()
+
+
+async def test_an_eager_batcher_gathers_what_arrives_while_a_batch_runs() -> None:
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> int:
+        calls.append(list(items))
+        gate.wait(5)
+        return 0
+
+    batcher = make_eager(run)
+    first = batcher.queue(1)
+    for _ in range(100):  # until the thread holds the first batch
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    rest = [batcher.queue(i) for i in (2, 3, 4, 5)]
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert calls == [[1], [2, 3, 4], [5]]  # max_items=3
+    batcher.close()
+
+
+async def test_an_eager_batcher_writes_every_item_once_in_order_and_settles_between() -> None:
+    """Bursts from the loop while the thread takes batches: no item is lost, none is
+    written twice, order is kept, and the thread starts a batch only once the loop has
+    settled the one before."""
+    settled: list[tuple[list[int], object]] = []
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> int:
+        assert len(settled) == len(calls), "a batch started before the last one settled"
+        calls.append(list(items))
+        return len(items)
+
+    batcher = make_eager(run, settled, slow_settle=True)
+    waiters: list[asyncio.Future[None]] = []
+    item = 0
+    for burst in range(300):
+        for _ in range(burst % 7 + 1):
+            item += 1
+            waiters.append(batcher.queue(item % 40))
+        await asyncio.sleep(0)
+    await asyncio.gather(*waiters)
+    written = [i for batch in calls for i in batch]
+    assert written == [i % 40 for i in range(1, item + 1)]
+    assert [items for items, _ in settled] == calls
+    assert batcher.wait_idle(1.0)
+    batcher.close()
