@@ -67,6 +67,33 @@ class Submitter:
         except SpoolError:
             metrics.SPOOL_WRITE_ERRORS.inc()
             raise
+        self._stored(meta, body)
+
+    def submit_then(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        body: bytes,
+        client: str,
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        def stored(meta: MessageMeta, error: SpoolError | None) -> None:
+            if error is not None:
+                metrics.SPOOL_WRITE_ERRORS.inc()
+                done(error)
+                return
+            try:
+                self._stored(meta, body)
+            except Exception as exc:  # a bug: `submit` would raise it to its caller
+                done(exc)
+                return
+            done(None)
+
+        self._store.store_then(envelope, body, client, queue_id, stored)
+
+    def _stored(self, meta: MessageMeta, body: bytes) -> None:
+        """The message is durable: count it and schedule its delivery."""
+        envelope = meta.envelope
         self.accepted += 1
         metrics.MESSAGES_RECEIVED.inc()
         routed = self._routed.get(envelope.pool)

@@ -16,9 +16,12 @@ changes as the task would, with the same checks in the same order:
   recipient given, no argument); then 354, the `data_timeout`, and the body
   collected here until CRLF "." CRLF, exactly as `Guard._read_body` frames it.
 
-The end of a body starts one task (`Guard.answer_body`: the DATA hook spools the
-message and answers 250 once it is durable). Bytes that arrive meanwhile are
-held, and served in order after that reply. Anything the lane does not take (any
+The end of a body starts no task either: the handler's `data_then` hands the
+message to the spool, and the reply (250 once it is durable, or 451) is written
+from the spool batch's completion, in the loop turn the batch is durable. A body
+over the size limit, or a failure the handler raises, is answered by a task, as
+`Guard.answer_body` answers it. Bytes that arrive before the reply are held, and
+served in order after it. Anything the lane does not take (any
 other command, a line the shortcuts would refuse or hand to aiosmtpd, a partial
 line, a reply that did not fit the socket buffer) goes to the StreamReader from
 that byte on, and the task answers it as before; the lane opens again once the
@@ -61,7 +64,8 @@ class FastLane(Guard):
         self._hooks = handler
         self.in_data = False  # between DATA and the reply to the body
         self._body: Body | None = None
-        self._finishing: asyncio.Task[None] | None = None
+        self._answering = False  # a body's reply is pending: what arrives is held
+        self._finishing: asyncio.Task[None] | None = None  # the task answering it, if one
         self._held = b""
         self._reading_paused = False
 
@@ -81,7 +85,7 @@ class FastLane(Guard):
         while data:
             if self._body is not None:
                 data = self._take_body(data)
-            elif self._finishing is not None:
+            elif self._answering:
                 self._hold(data)
                 return
             elif self._lane_open():
@@ -209,8 +213,48 @@ class FastLane(Guard):
             return b""
         wire, rest = done
         self._body = None
-        self._finishing = self.loop.create_task(self._finish(wire, body.too_big))
+        self._answering = True
+        if not self._answer_now(wire, body.too_big):
+            self._finishing = self.loop.create_task(self._finish(wire, body.too_big))
         return rest
+
+    def _answer_now(self, wire: bytes, too_big: bool) -> bool:
+        """`Guard.answer_body` without a task, for the usual body: the handler spools it
+        and the reply is written from the spool batch's completion, in the loop turn
+        the batch is durable (the task would answer one turn later). False: the task
+        must answer (a body over the limit, or a DATA hook that is not the handler's)."""
+        hooks = self._hooks
+        if too_big or self.envelope is None or self._data_hook != hooks.handle_DATA:
+            return False
+        self.take_content(wire)
+        try:
+            hooks.data_then(
+                self, self.session, self.envelope, self._body_answered, self._body_failed
+            )
+        except Exception as error:  # before the hand-off: answer it as the task would
+            self._body_failed(error)
+        return True
+
+    def _body_answered(self, status: str) -> None:
+        """The DATA hook's reply: from the spool batch's completion, or a refusal."""
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if self.connected:
+            self._say(status)
+        self._body_done()
+
+    def _body_failed(self, error: Exception) -> None:
+        """The DATA hook failed: the task's contract (Guard._handle_client) says why."""
+        self._finishing = self.loop.create_task(self._describe_failure(error))
+
+    async def _describe_failure(self, error: Exception) -> None:
+        try:
+            await self.answer(await self._describe(error))
+        except ConnectionError:
+            pass
+        finally:
+            self._finishing = None
+            self.in_data = self._answering = False
+        self._body_done()
 
     async def _finish(self, wire: bytes, too_big: bool) -> None:
         try:
@@ -223,8 +267,13 @@ class FastLane(Guard):
         except ConnectionError:
             pass
         finally:
-            self.in_data = False
             self._finishing = None
+            self.in_data = self._answering = False
+        self._body_done()
+
+    def _body_done(self) -> None:
+        """The body's reply is out (or the client has gone): serve what was held."""
+        self.in_data = self._answering = False
         if not self.connected:
             log.debug("smtp.reply_after_close client=%s", session_ip(self.session))
             return

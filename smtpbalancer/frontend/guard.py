@@ -199,6 +199,15 @@ class Guard(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.answer("552 Error: Too much mail data")
             return
+        self.take_content(wire)
+        hook = self._data_hook
+        status = MISSING if hook is None else await hook(self, self.session, self.envelope)
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.answer("250 OK" if status is MISSING else status)
+
+    def take_content(self, wire: bytes) -> None:
+        """The body as sent, without its dot-stuffing, into the envelope."""
+        assert self.envelope is not None
         content = wire.replace(b"\r\n.", b"\r\n")  # RFC 5321 §4.5.2: one leading dot goes
         if content.startswith(b"."):
             content = content[1:]
@@ -206,10 +215,6 @@ class Guard(SMTP):
         self.envelope.original_content = content
         if self.connected:
             self._reset_timeout()  # the body is in; the spool write is not the client's time
-        hook = self._data_hook
-        status = MISSING if hook is None else await hook(self, self.session, self.envelope)
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.answer("250 OK" if status is MISSING else status)
 
     @property
     def connected(self) -> bool:

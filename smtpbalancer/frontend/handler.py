@@ -2,7 +2,8 @@
 
 The handler owns per-session policy; it never imports spool, delivery or
 upstream (it gets a Submitter and a PressureSource from app). DATA is answered
-250 only after `Submitter.submit` returns, i.e. after body and envelope are
+250 only after `Submitter.submit` returns (or, for the fast lane's `data_then`,
+from `Submitter.submit_then`'s callback), i.e. after body and envelope are
 durable (invariant 1); a spool failure answers 451 4.3.0.
 
 Backpressure: MAIL is refused with 452 4.3.1 when the spool or its disk has no
@@ -19,7 +20,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from smtpbalancer import headers, metrics, replies
 from smtpbalancer.clock import Clock
@@ -31,6 +32,7 @@ from smtpbalancer.frontend.auth import Authenticator, tls_active
 from smtpbalancer.frontend.dedupe import DedupeWindow
 from smtpbalancer.frontend.dispatch_names import aiosmtpd_names
 from smtpbalancer.frontend.routing import Router
+from smtpbalancer.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,27 @@ class Submitter(Protocol):
 
     async def submit(self, queue_id: str, envelope: Envelope, body: bytes, client: str) -> None:
         """Returns once the message is durable; raises SpoolError otherwise."""
+
+    def submit_then(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        body: bytes,
+        client: str,
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        """`submit` without a task: `done(None)` on the loop once durable, else
+        `done(error)` with the SpoolError (or what `submit` would have raised)."""
+
+
+class _Spooling(NamedTuple):
+    """A message DATA is about to spool, and what its reply needs afterwards."""
+
+    queue_id: str
+    env: Envelope
+    payload: bytes  # the Received: header + the cleaned body
+    client: str
+    keys: list[bytes]  # dedupe keys to remember once it is durable
 
 
 class PressureSource(admission.Room, Protocol):
@@ -223,6 +246,63 @@ class Handler:
         return replies.OK_RECIPIENT.line
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        start = self._data_start(server, session, envelope)
+        if isinstance(start, str):
+            return start
+        try:
+            await self._submitter.submit(start.queue_id, start.env, start.payload, start.client)
+        except SpoolError as exc:
+            return self._data_end(server, start, exc)
+        except BaseException:
+            self._release(server)
+            raise
+        line = self._data_end(server, start, None)
+        delay = self._tarpit()
+        if delay:
+            await self._clock.sleep(delay)  # the message is durable; only the reply waits
+        return line
+
+    def data_then(
+        self,
+        server: Any,
+        session: Any,
+        envelope: Any,
+        reply: Callable[[str], None],
+        failed: Callable[[Exception], None],
+    ) -> None:
+        """`handle_DATA` without a task. `reply(status)` is called on the loop with what
+        handle_DATA would return, in the turn the spool's batch completes (or after the
+        tarpit's delay); a refusal is replied to before this returns. `failed(error)`
+        gets what handle_DATA would raise after the hand-off; before it, this raises."""
+        start = self._data_start(server, session, envelope)
+        if isinstance(start, str):
+            reply(start)
+            return
+
+        def stored(error: Exception | None) -> None:
+            if error is not None and not isinstance(error, SpoolError):
+                self._release(server)
+                failed(error)
+                return
+            try:
+                line = self._data_end(server, start, error)
+                delay = 0.0 if error is not None else self._tarpit()
+            except Exception as exc:
+                failed(exc)
+                return
+            if delay:  # the message is durable; only the reply waits
+                spawn(self._reply_later(delay, reply, line), name="smtp-tarpit")
+            else:
+                reply(line)
+
+        self._submitter.submit_then(start.queue_id, start.env, start.payload, start.client, stored)
+
+    async def _reply_later(self, delay: float, reply: Callable[[str], None], line: str) -> None:
+        await self._clock.sleep(delay)
+        reply(line)
+
+    def _data_start(self, server: Any, session: Any, envelope: Any) -> str | _Spooling:
+        """DATA's checks and the message as it will be spooled; a str is the refusal."""
         client_ip = admission.session_ip(session)
         # Bare CR/LF normalised, NUL refused, before spooling (hardening.py, invariant 7).
         content, refusal = hardening.clean_body(envelope.original_content)
@@ -262,26 +342,24 @@ class Handler:
                 return replies.duplicate(first_copy)
         queue_id = self._submitter.next_queue_id()
         trace = self._received(server, session, client_ip, queue_id, env)
-        try:
-            await self._submitter.submit(queue_id, env, trace + content, client_ip)
-        except SpoolError as exc:
-            log.error("smtp.spool_failed client=%s error=%s", client_ip, exc)
+        return _Spooling(queue_id, env, trace + content, client_ip, keys)
+
+    def _data_end(self, server: Any, start: _Spooling, error: SpoolError | None) -> str:
+        """The reply once the spool has answered: 250 with the queue id, or 451."""
+        self._release(server)  # after submit: the stored bytes now count instead
+        if error is not None:
+            log.error("smtp.spool_failed client=%s error=%s", start.client, error)
             return replies.SPOOL_WRITE_FAILED.line
-        finally:
-            self._release(server)  # after submit: the stored bytes now count instead
-        if self.dedupe is not None and keys:
-            self.dedupe.remember(keys, self._clock.monotonic(), queue_id)
+        if self.dedupe is not None and start.keys:
+            self.dedupe.remember(start.keys, self._clock.monotonic(), start.queue_id)
         log.debug(
             "smtp.received queue_id=%s client=%s rcpts=%d size=%d",
-            queue_id,
-            client_ip,
-            len(env.rcpt_tos),
-            len(trace) + len(content),
+            start.queue_id,
+            start.client,
+            len(start.env.rcpt_tos),
+            len(start.payload),
         )
-        delay = self._tarpit()
-        if delay:
-            await self._clock.sleep(delay)  # the message is durable; only the reply waits
-        return replies.queued(queue_id)
+        return replies.queued(start.queue_id)
 
     def _without_repeats(
         self, env: Envelope, content: bytes

@@ -30,6 +30,9 @@ overlap.
 Cost per batch (it is on every message's path): one queue put, one
 `call_soon_threadsafe` back, and one plain future per waiting caller; per item, one
 uncontended lock. A caller that gives up cancels only its own future, never the batch.
+A caller may pass a callback instead of waiting on a future (`then`): it is called
+as the batch completes, in the same loop turn, where a future's waiter would resume
+only in the next one.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+# Told of its item's batch: None once it ran, or the batch's exception (on the loop).
+Callback = Callable[[Exception | None], None]
+
+
 @dataclass(slots=True, eq=False)
 class _Batch(Generic[T]):
     items: list[T] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: list[asyncio.Future[None] | Callback] = field(default_factory=list)
     size: int = 0
 
 
@@ -106,7 +113,12 @@ class Batcher(Generic[T, R]):
         self._add(item, waiter)
         return waiter
 
-    def _add(self, item: T, waiter: asyncio.Future[None] | None) -> None:
+    def then(self, item: T, callback: Callback) -> None:
+        """Queue an item; `callback` is called on the loop once its batch has run (after
+        `settle`, with None or the batch's exception), without a task switch."""
+        self._add(item, callback)
+
+    def _add(self, item: T, waiter: asyncio.Future[None] | Callback | None) -> None:
         size = self._size(item)
         with self._lock:  # the thread takes batches under it: never one being added to
             batch = self._queue[-1] if self._queue else None
@@ -177,13 +189,17 @@ class Batcher(Generic[T, R]):
                 self._settle(batch.items, outcome)
             except Exception:  # a bug: log it, but never leave the callers waiting
                 log.exception("spool.settle_failed batcher=%s", self._name)
-        failed = isinstance(outcome, Exception)
+        error = outcome if isinstance(outcome, Exception) else None
         for waiter in batch.waiters:
-            if waiter.done():  # its caller gave up (cancelled)
+            if not isinstance(waiter, asyncio.Future):
+                try:
+                    waiter(error)
+                except Exception:  # a bug: log it, and go on with the other callers
+                    log.exception("spool.callback_failed batcher=%s", self._name)
+            elif waiter.done():  # its caller gave up (cancelled)
                 continue
-            if failed:
-                assert isinstance(outcome, Exception)
-                waiter.set_exception(outcome)
+            elif error is not None:
+                waiter.set_exception(error)
             else:
                 waiter.set_result(None)
 

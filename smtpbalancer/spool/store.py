@@ -324,12 +324,38 @@ class SpoolStore:
         self, envelope: Envelope, body: bytes, client: str = "", queue_id: str = ""
     ) -> MessageMeta:
         """Make a message durable. Returns only once its batch is fdatasync'd."""
+        meta, pending = self._pending(envelope, body, client, queue_id)
+        await self._commits.queue(pending)
+        return meta
+
+    def store_then(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        client: str,
+        queue_id: str,
+        done: Callable[[MessageMeta, SpoolError | None], None],
+    ) -> None:
+        """`store` for a caller that wants no task: `done(meta, None)` is called on the
+        loop once the message is durable, in the turn its batch completes, or
+        `done(meta, error)` if it could not be made durable."""
+        meta, pending = self._pending(envelope, body, client, queue_id)
+
+        def stored(error: Exception | None) -> None:
+            if error is not None and not isinstance(error, SpoolError):
+                error = SpoolError(str(error))  # (the batcher only hands out SpoolErrors)
+            done(meta, error)
+
+        self._commits.then(pending, stored)
+
+    def _pending(
+        self, envelope: Envelope, body: bytes, client: str, queue_id: str
+    ) -> tuple[MessageMeta, _Pending]:
         wall = self._clock.wall()
         queue_id = queue_id or self._ids.next(wall)
         meta = MessageMeta(queue_id, envelope, wall, len(body), client, zlib.crc32(body))
         prefix = record.encode_prefix(meta, meta.body_size, meta.body_crc)
-        await self._commits.queue(_Pending(queue_id, wall, prefix, body))
-        return meta
+        return meta, _Pending(queue_id, wall, prefix, body)
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
         # The commit thread: a rotation asked for since the last batch applies to this one.

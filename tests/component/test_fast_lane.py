@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from support.waiting import wait_until
 
 from smtpbalancer.app import App
 from smtpbalancer.frontend.fast_lane import HELD_MAX, FastLane
-from smtpbalancer.spool.store import SpoolStore
 
 _QUEUE_ID = re.compile(r"(?<=queued as )\S+")
 
@@ -150,16 +150,17 @@ async def test_a_client_that_hangs_up_while_its_message_is_spooled_still_gets_it
     app: App, lane: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The message may be durable already: it must reach the relay, not wait for a restart."""
-    storing = asyncio.Event()
-    go_on = asyncio.Event()
-    store = SpoolStore.store
+    storing = threading.Event()
+    go_on = threading.Event()
+    writer = app.store._writer
+    append = writer.append
 
-    async def slow_store(self: SpoolStore, *args: Any, **kwargs: Any) -> Any:
+    def slow_append(*args: Any, **kwargs: Any) -> Any:  # on the commit thread
         storing.set()
-        await go_on.wait()
-        return await store(self, *args, **kwargs)
+        go_on.wait(10)
+        return append(*args, **kwargs)
 
-    monkeypatch.setattr(SpoolStore, "store", slow_store)
+    monkeypatch.setattr(writer, "append", slow_append)
     monkeypatch.setattr(FastLane, "enabled", lane)
     client = await RawClient.open(app.smtp_address)
     assert (await client.command(b"EHLO client.test")).startswith("250")
@@ -167,7 +168,7 @@ async def test_a_client_that_hangs_up_while_its_message_is_spooled_still_gets_it
     assert (await client.command(b"RCPT TO:<b@rcpt.test>")).startswith("250")
     assert (await client.command(b"DATA")).startswith("354")
     await client.send(b"Subject: gone\r\n\r\nbye\r\n.\r\n")
-    await asyncio.wait_for(storing.wait(), 5)
+    assert await asyncio.to_thread(storing.wait, 5)
     client.writer.transport.abort()
     await wait_until(lambda: not app.frontend.sessions)
     go_on.set()
@@ -191,3 +192,33 @@ async def test_a_client_that_pipelines_a_flood_after_its_body_is_read_in_order(
         assert await client.reply() == "250 2.0.0 OK"
     assert (await client.reply()).startswith("221")
     await client.close()
+
+
+async def test_a_failure_after_the_spool_write_is_answered_as_the_task_answers_it(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug once the message is durable (here: scheduling its delivery) reaches the
+    client through the handler's exception reply, on either path, and the session goes on."""
+    enqueue = app.dispatcher.enqueue
+
+    def broken_once(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(app.dispatcher, "enqueue", enqueue)
+        raise RuntimeError("boom")
+
+    async def one(lane: bool) -> list[str]:
+        monkeypatch.setattr(app.dispatcher, "enqueue", broken_once)
+        monkeypatch.setattr(FastLane, "enabled", lane)
+        client = await RawClient.open(app.smtp_address)
+        replies = [await client.command(b"EHLO client.test")]
+        for line in (b"MAIL FROM:<a@sender.test>", b"RCPT TO:<b@rcpt.test>", b"DATA"):
+            replies.append(await client.command(line))
+        await client.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        replies.append(_QUEUE_ID.sub("<id>", await client.reply()))
+        replies.append(await client.command(b"NOOP"))
+        await client.close()
+        return replies
+
+    by_task = await one(lane=False)
+    by_lane = await one(lane=True)
+    assert by_lane == by_task
+    assert not by_lane[4].startswith("250") and by_lane[5] == "250 2.0.0 OK"

@@ -185,3 +185,37 @@ async def test_an_eager_batcher_writes_every_item_once_in_order_and_settles_betw
     assert [items for items, _ in settled] == calls
     assert batcher.wait_idle(1.0)
     batcher.close()
+
+
+async def test_callbacks_are_told_in_the_turn_their_batch_completes_after_settle() -> None:
+    settled: list[tuple[list[int], object]] = []
+    batcher, _ = make(settled=settled)
+    told: list[tuple[int, object, int]] = []
+    resumed: list[int] = []
+
+    def broken(error: Exception | None) -> None:
+        raise RuntimeError("a bug in one caller")
+
+    async def waiter() -> None:
+        await batcher.submit(3)
+        resumed.append(len(told))
+
+    task = asyncio.ensure_future(waiter())
+    batcher.then(1, lambda error: told.append((1, error, len(settled))))
+    batcher.then(2, broken)  # logged; the others are still told
+    batcher.then(4, lambda error: told.append((4, error, len(settled))))
+    await task
+    assert told == [(1, None, 1), (4, None, 1)]  # after settle, and before the future's waiter
+    assert resumed == [2]
+    batcher.close()
+
+    def failing(items: list[int]) -> int:
+        raise SpoolError("write segment", 28)
+
+    batcher, _ = make(run=failing)
+    errors: list[Exception | None] = []
+    done = asyncio.Event()
+    batcher.then(1, lambda error: (errors.append(error), done.set()))
+    await asyncio.wait_for(done.wait(), 5)
+    assert isinstance(errors[0], SpoolError)
+    batcher.close()
