@@ -243,23 +243,18 @@ class FastLane(Guard):
         self._body_done()
 
     def _body_failed(self, error: Exception) -> None:
-        """The DATA hook failed: the task's contract (Guard._handle_client) says why."""
-        self._finishing = self.loop.create_task(self._describe_failure(error))
+        """The DATA hook failed: a task answers it, as it answers any failure."""
+        self._finishing = self.loop.create_task(self._finish(b"", False, failure=error))
 
-    async def _describe_failure(self, error: Exception) -> None:
-        try:
-            await self.answer(await self._describe(error))
-        except ConnectionError:
-            pass
-        finally:
-            self._finishing = None
-            self.in_data = self._answering = False
-        self._body_done()
-
-    async def _finish(self, wire: bytes, too_big: bool) -> None:
+    async def _finish(self, wire: bytes, too_big: bool, failure: Exception | None = None) -> None:
+        """The task's answer to a body: `Guard.answer_body`, or the description of a
+        `failure` the DATA hook raised on the lane (Guard._handle_client's contract)."""
         try:
             try:
-                await self.answer_body(wire, too_big)
+                if failure is None:
+                    await self.answer_body(wire, too_big)
+                else:
+                    await self.answer(await self._describe(failure))
             except ConnectionError:
                 pass  # the client has gone; the message, if spooled, is on its way
             except Exception as error:  # the task's contract (Guard._handle_client): say it
