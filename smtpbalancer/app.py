@@ -61,14 +61,6 @@ class Submitter:
     def next_queue_id(self) -> str:
         return self._ids.next(self._clock.wall())
 
-    async def submit(self, queue_id: str, envelope: Envelope, body: bytes, client: str) -> None:
-        try:
-            meta: MessageMeta = await self._store.store(envelope, body, client, queue_id=queue_id)
-        except SpoolError:
-            metrics.SPOOL_WRITE_ERRORS.inc()
-            raise
-        self._stored(meta, body)
-
     def submit_then(
         self,
         queue_id: str,
@@ -84,7 +76,7 @@ class Submitter:
                 return
             try:
                 self._stored(meta, body)
-            except Exception as exc:  # a bug: `submit` would raise it to its caller
+            except Exception as exc:  # a bug: the handler answers it as a failed hook
                 done(exc)
                 return
             done(None)

@@ -2,8 +2,7 @@
 
 The handler owns per-session policy; it never imports spool, delivery or
 upstream (it gets a Submitter and a PressureSource from app). DATA is answered
-250 only after `Submitter.submit` returns (or, for the fast lane's `data_then`,
-from `Submitter.submit_then`'s callback), i.e. after body and envelope are
+250 only from `Submitter.submit_then`'s callback, i.e. once body and envelope are
 durable (invariant 1); a spool failure answers 451 4.3.0.
 
 Backpressure: MAIL is refused with 452 4.3.1 when the spool or its disk has no
@@ -14,6 +13,7 @@ overrun the spool. Above the tarpit threshold the final 250 is held back.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email.utils
 import inspect
@@ -43,9 +43,6 @@ _MEMO_LIMIT = 4096  # entries per memo below; a full memo is emptied (peers and 
 class Submitter(Protocol):
     def next_queue_id(self) -> str: ...
 
-    async def submit(self, queue_id: str, envelope: Envelope, body: bytes, client: str) -> None:
-        """Returns once the message is durable; raises SpoolError otherwise."""
-
     def submit_then(
         self,
         queue_id: str,
@@ -54,8 +51,8 @@ class Submitter(Protocol):
         client: str,
         done: Callable[[Exception | None], None],
     ) -> None:
-        """`submit` without a task: `done(None)` on the loop once durable, else
-        `done(error)` with the SpoolError (or what `submit` would have raised)."""
+        """Store the message; `done(None)` on the loop once it is durable and scheduled,
+        else `done(error)`: the SpoolError, or a failure to schedule it."""
 
 
 class _Spooling(NamedTuple):
@@ -246,21 +243,19 @@ class Handler:
         return replies.OK_RECIPIENT.line
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        start = self._data_start(server, session, envelope)
-        if isinstance(start, str):
-            return start
-        try:
-            await self._submitter.submit(start.queue_id, start.env, start.payload, start.client)
-        except SpoolError as exc:
-            return self._data_end(server, start, exc)
-        except BaseException:
-            self._release(server)
-            raise
-        line = self._data_end(server, start, None)
-        delay = self._tarpit()
-        if delay:
-            await self._clock.sleep(delay)  # the message is durable; only the reply waits
-        return line
+        """aiosmtpd's DATA hook, for the session's task: `data_then`, awaited."""
+        answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def reply(status: str) -> None:
+            if not answered.done():  # (a task cancelled meanwhile no longer waits)
+                answered.set_result(status)
+
+        def failed(error: Exception) -> None:
+            if not answered.done():
+                answered.set_exception(error)
+
+        self.data_then(server, session, envelope, reply, failed)
+        return await answered
 
     def data_then(
         self,
@@ -270,10 +265,11 @@ class Handler:
         reply: Callable[[str], None],
         failed: Callable[[Exception], None],
     ) -> None:
-        """`handle_DATA` without a task. `reply(status)` is called on the loop with what
-        handle_DATA would return, in the turn the spool's batch completes (or after the
-        tarpit's delay); a refusal is replied to before this returns. `failed(error)`
-        gets what handle_DATA would raise after the hand-off; before it, this raises."""
+        """DATA without a task (the fast lane's; `handle_DATA` awaits it). `reply(status)`
+        is called on the loop with the reply to the body, in the turn the spool's batch
+        completes (or after the tarpit's delay); a refusal is replied to before this
+        returns. `failed(error)` gets a failure after the hand-off; before it, this
+        raises."""
         start = self._data_start(server, session, envelope)
         if isinstance(start, str):
             reply(start)
