@@ -342,8 +342,7 @@ class SpoolStore:
         meta, pending = self._pending(envelope, body, client, queue_id)
 
         def stored(error: Exception | None) -> None:
-            if error is not None and not isinstance(error, SpoolError):
-                error = SpoolError(str(error))  # (the batcher only hands out SpoolErrors)
+            assert error is None or isinstance(error, SpoolError)  # the batcher's only kind
             done(meta, error)
 
         self._commits.then(pending, stored)
