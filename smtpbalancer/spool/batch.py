@@ -7,15 +7,26 @@ A batch is capped by item count and bytes; a single item larger than the byte
 cap is a batch of its own. Every caller of a batch gets the same outcome: done,
 or the batch's exception.
 
-When the thread is idle, the first item wakes it:
-- `eager` (the spool's commits, which callers wait for): at once. The thread takes
-  the batch when it next holds the GIL, usually when the loop goes to poll for
-  I/O, so what else the loop adds in the meantime joins it. The commit starts
-  before the loop reads the next sockets instead of after.
-- otherwise (cleanups, which nobody waits for): from the next loop turn, so that a
-  turn's items make one batch.
-The thread takes a batch under a lock that `_add` holds while it appends, so no
-item joins a batch that is already being written.
+Where a batch runs, when nothing is running yet:
+- `on_loop_under_s` (the spool's commits, while fdatasync is fast): on the loop
+  itself, at the end of the turn in which its first item arrived, so the turn's
+  items make one batch and their callers are answered in that same turn. Handing a
+  batch to the thread costs two GIL hand-offs and a loop turn, each waiting behind
+  whatever the loop is busy with: under load (100 sessions, 2 cores) that was a
+  median 2.5 ms and a p99 of 15 ms per commit, against a 0.3 ms fdatasync. The loop
+  is blocked while the batch runs, so this holds only while runs are short: once
+  their smoothed duration reaches `on_loop_under_s` (a slow or busy disk), batches
+  go to the thread and the loop keeps serving sessions; one batch per
+  `probe_every_s` is still run on the loop, to notice when the disk is fast again.
+- on the thread, `eager` (the spool's commits, when not on the loop): at once. The
+  thread takes the batch when it next holds the GIL, usually when the loop goes to
+  poll for I/O, so what else the loop adds in the meantime joins it.
+- on the thread, otherwise (cleanups, which nobody waits for): from the next loop
+  turn, so that a turn's items make one batch.
+While a batch runs on the thread, what arrives waits for it (the thread takes the
+following batches too), so batches never overlap. The thread takes a batch under a
+lock that `_add` holds while it appends, so no item joins a batch that is already
+being written.
 
 Memory: items are not copied; the pending batches hold references to what the
 callers already hold (a session's body), so the queue is bounded by the callers
@@ -46,12 +57,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from smtpbalancer.clock import Clock, SystemClock
 from smtpbalancer.errors import SpoolError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+
+# Weight of the latest run in the smoothed duration that decides where batches run.
+_SMOOTHING = 0.2
 
 # Told of its item's batch: None once it ran, or the batch's exception (on the loop).
 Callback = Callable[[Exception | None], None]
@@ -75,6 +90,9 @@ class Batcher(Generic[T, R]):
         max_bytes: int,
         settle: Callable[[list[T], R | Exception], None] | None = None,
         eager: bool = False,
+        on_loop_under_s: float | None = None,
+        probe_every_s: float = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         self._name = name
         self._run = run
@@ -83,6 +101,11 @@ class Batcher(Generic[T, R]):
         self._max_bytes = max_bytes
         self._settle = settle
         self._eager = eager
+        self._on_loop_under_s = on_loop_under_s
+        self._probe_every_s = probe_every_s
+        self._clock = clock or SystemClock()
+        self._run_s = 0.0  # smoothed duration of the batches run on the loop
+        self._probed_at = 0.0  # clock.monotonic() when the last batch run on the loop ended
         self._queue: deque[_Batch[T]] = deque()  # waiting batches; the running one is not here
         self._busy = False  # a batch is running, or the first one is about to start
         self._work: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = queue.SimpleQueue()
@@ -137,10 +160,37 @@ class Batcher(Generic[T, R]):
             self._busy = True
             self._idle.clear()
             loop = asyncio.get_running_loop()
-            if self._eager:
+            if self._here():
+                loop.call_soon(self._run_here, loop)
+            elif self._eager:
                 self._start_next(loop)
             else:  # from the next loop turn: what else arrives in this one joins the batch
                 loop.call_soon(self._start_next, loop)
+
+    def _here(self) -> bool:
+        """Whether the next batch runs on the loop (see the module docstring)."""
+        limit = self._on_loop_under_s
+        if limit is None or self._closed:
+            return False
+        since = self._clock.monotonic() - self._probed_at
+        return self._run_s < limit or since >= self._probe_every_s
+
+    def _run_here(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop, once the turn's I/O is served: run the waiting batches here, while
+        runs stay short; hand the rest (if any) to the thread."""
+        while self._queue and self._here():
+            batch = self._queue.popleft()
+            started = self._clock.monotonic()
+            outcome: R | Exception
+            try:
+                outcome = self._run(batch.items)
+            except Exception as exc:
+                outcome = exc
+            ended = self._clock.monotonic()
+            self._run_s += (ended - started - self._run_s) * _SMOOTHING
+            self._probed_at = ended
+            self._complete(batch, self._checked(outcome))
+        self._start_next(loop)
 
     def _start_next(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop: wake the thread for the oldest waiting batch (or fail it, closed)."""
@@ -174,12 +224,18 @@ class Batcher(Generic[T, R]):
     def _ran(
         self, batch: _Batch[T], outcome: R | BaseException, loop: asyncio.AbstractEventLoop
     ) -> None:
+        self._complete(batch, self._checked(outcome))
+        if self._here():  # the disk may be fast again: this batch's successor probes it
+            self._run_here(loop)
+        else:
+            self._start_next(loop)
+
+    def _checked(self, outcome: R | BaseException) -> R | Exception:
         if isinstance(outcome, BaseException) and not isinstance(outcome, SpoolError):
             # a bug, or the store closed under us
             log.error("spool.batch_failed batcher=%s", self._name, exc_info=outcome)
-            outcome = SpoolError(f"{self._name} failed")
-        self._complete(batch, outcome)
-        self._start_next(loop)
+            return SpoolError(f"{self._name} failed")
+        return outcome
 
     def _complete(self, batch: _Batch[T], outcome: R | Exception) -> None:
         self.batches += 1

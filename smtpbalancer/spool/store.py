@@ -87,6 +87,9 @@ COMPACT_BELOW: Final = 0.25  # of a segment's size still live
 COMPACT_CHUNK_BYTES: Final = 1024 * 1024  # per relocation batch: stores wait behind it
 BATCH_RECORDS: Final = 256  # two iovecs each, under IOV_MAX
 BATCH_BYTES: Final = 8 * 1024 * 1024
+# Commits run on the event loop while their smoothed duration (write + fdatasync) stays
+# under this, on the commit thread otherwise (see batch.py); None: always on the thread.
+COMMIT_ON_LOOP_UNDER_S: Final = 0.002
 CLOSE_WAIT_S: Final = 5.0
 _T = TypeVar("_T")
 
@@ -134,7 +137,13 @@ class SpoolStore:
     """Durable store, load, update and removal of spooled messages, with accounting."""
 
     def __init__(
-        self, directory: Path, clock: Clock, *, threads: int = 16, rotate_bytes: int = ROTATE_BYTES
+        self,
+        directory: Path,
+        clock: Clock,
+        *,
+        threads: int = 16,
+        rotate_bytes: int = ROTATE_BYTES,
+        commit_on_loop_under_s: float | None = COMMIT_ON_LOOP_UNDER_S,
     ) -> None:
         self.directory = directory
         self.queue_dir = directory / "queue"
@@ -152,6 +161,8 @@ class SpoolStore:
             max_bytes=BATCH_BYTES,
             settle=self._settle,
             eager=True,
+            on_loop_under_s=commit_on_loop_under_s,
+            clock=clock,
         )
         # Cleanups get their own thread: queued behind fdatasyncs they would lag, and every
         # delivered-but-unmarked message is a duplicate after a crash.

@@ -99,7 +99,7 @@ async def test_concurrent_stores_share_one_fdatasync(tmp_path: Path, syncs: list
 async def test_arrivals_during_a_sync_form_the_next_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, _ = opened(tmp_path)
+    store, _ = opened(tmp_path, commit_on_loop_under_s=None)  # a slow disk: on the thread
     real = os.fdatasync
     syncing, go_on = threading.Event(), threading.Event()
     batches: list[int] = []
@@ -107,7 +107,7 @@ async def test_arrivals_during_a_sync_form_the_next_batch(
     def slow(fd: int) -> None:  # a slow disk: everything arriving meanwhile waits
         batches.append(store.messages)
         syncing.set()
-        go_on.wait(5)
+        assert go_on.wait(5), "the loop was blocked: the sync ran on it"
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", slow)

@@ -219,3 +219,86 @@ async def test_callbacks_are_told_in_the_turn_their_batch_completes_after_settle
     await asyncio.wait_for(done.wait(), 5)
     assert isinstance(errors[0], SpoolError)
     batcher.close()
+
+
+def make_on_loop(
+    run: object,
+    settled: list[tuple[list[int], object]] | None = None,
+    *,
+    under_s: float = 1.0,
+    probe_every_s: float = 1.0,
+) -> Batcher[int, int]:
+    def settle(items: list[int], outcome: object) -> None:
+        if settled is not None:
+            settled.append((list(items), outcome))
+
+    return Batcher(
+        "test-on-loop",
+        run,  # type: ignore[arg-type]
+        size=lambda item: item,
+        max_items=3,
+        max_bytes=100,
+        settle=settle,
+        eager=True,
+        on_loop_under_s=under_s,
+        probe_every_s=probe_every_s,
+    )
+
+
+async def test_fast_batches_run_on_the_loop_at_the_end_of_the_turn_and_answer_in_it() -> None:
+    calls: list[tuple[list[int], bool]] = []
+
+    def run(items: list[int]) -> int:
+        calls.append((list(items), threading.current_thread() is threading.main_thread()))
+        return 0
+
+    settled: list[tuple[list[int], object]] = []
+    batcher = make_on_loop(run, settled)
+    told: list[tuple[int, Exception | None, int]] = []
+    for i in (1, 2, 3, 4, 5):
+        batcher.then(i, lambda error, i=i: told.append((i, error, len(settled))))
+    assert calls == []  # not before the turn's I/O is served
+    await asyncio.sleep(0)  # one turn: the loop ran both batches and told every caller
+    assert calls == [([1, 2, 3], True), ([4, 5], True)]  # max_items=3
+    assert told == [(1, None, 1), (2, None, 1), (3, None, 1), (4, None, 2), (5, None, 2)]
+    assert batcher.wait_idle(0)
+    batcher.close()
+
+
+async def test_slow_batches_go_to_the_thread_and_a_probe_on_the_loop_brings_them_back() -> None:
+    delay = [0.05]
+    where: list[str] = []
+
+    def run(items: list[int]) -> int:
+        where.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
+        time.sleep(delay[0])
+        return 0
+
+    batcher = make_on_loop(run, under_s=0.005, probe_every_s=0.2)
+    await batcher.submit(1)  # nothing known yet: on the loop, and slow (smoothed 10 ms)
+    await batcher.submit(2)  # so the next one blocks the thread, not the loop
+    delay[0] = 0.0
+    await batcher.submit(3)  # fast now, but still unknown to the batcher: the thread
+    await asyncio.sleep(0.25)
+    await batcher.submit(4)  # a probe is due: on the loop, fast
+    await batcher.submit(5)  # one fast probe does not outweigh the slow history yet
+    assert where == ["loop", "thread", "thread", "loop", "thread"]
+    batcher.close()
+
+
+async def test_a_failed_batch_on_the_loop_fails_its_callers_and_not_the_next_batch() -> None:
+    fail = [True]
+
+    def run(items: list[int]) -> int:
+        if fail[0]:
+            raise ValueError("bug")
+        return 0
+
+    batcher = make_on_loop(run)
+    results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert [type(r) for r in results] == [SpoolError, SpoolError]
+    fail[0] = False
+    await batcher.submit(3)
+    batcher.close()
+    with pytest.raises(SpoolError):
+        await batcher.submit(4)  # closed: later submissions never run
