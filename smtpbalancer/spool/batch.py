@@ -15,9 +15,11 @@ Where a batch runs, when nothing is running yet:
   whatever the loop is busy with: under load (100 sessions, 2 cores) that was a
   median 2.5 ms and a p99 of 15 ms per commit, against a 0.3 ms fdatasync. The loop
   is blocked while the batch runs, so this holds only while runs are short: once
-  their smoothed duration reaches `on_loop_under_s` (a slow or busy disk), batches
-  go to the thread and the loop keeps serving sessions; one batch per
-  `probe_every_s` is still run on the loop, to notice when the disk is fast again.
+  the median of the last few reaches `on_loop_under_s` (a slow disk), batches go
+  to the thread and the loop keeps serving sessions; one batch per `probe_every_s`
+  is still run on the loop, to notice when the disk is fast again. The median, not
+  a mean: on a busy machine some runs look slow only because the process waited
+  for a CPU after its fdatasync returned, which the thread would not avoid.
 - on the thread, `eager` (the spool's commits, when not on the loop): at once. The
   thread takes the batch when it next holds the GIL, usually when the loop goes to
   poll for I/O, so what else the loop adds in the meantime joins it.
@@ -65,8 +67,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-# Weight of the latest run in the smoothed duration that decides where batches run.
-_SMOOTHING = 0.2
+# Runs on the loop whose median duration decides where the next batches run.
+_RUNS_KEPT = 9
 
 # Told of its item's batch: None once it ran, or the batch's exception (on the loop).
 Callback = Callable[[Exception | None], None]
@@ -104,7 +106,7 @@ class Batcher(Generic[T, R]):
         self._on_loop_under_s = on_loop_under_s
         self._probe_every_s = probe_every_s
         self._clock = clock or SystemClock()
-        self._run_s = 0.0  # smoothed duration of the batches run on the loop
+        self._runs: deque[float] = deque(maxlen=_RUNS_KEPT)  # durations on the loop, s
         self._probed_at = 0.0  # clock.monotonic() when the last batch run on the loop ended
         self._queue: deque[_Batch[T]] = deque()  # waiting batches; the running one is not here
         self._busy = False  # a batch is running, or the first one is about to start
@@ -172,8 +174,10 @@ class Batcher(Generic[T, R]):
         limit = self._on_loop_under_s
         if limit is None or self._closed:
             return False
-        since = self._clock.monotonic() - self._probed_at
-        return self._run_s < limit or since >= self._probe_every_s
+        runs = self._runs
+        if not runs or sorted(runs)[len(runs) // 2] < limit:
+            return True
+        return self._clock.monotonic() - self._probed_at >= self._probe_every_s
 
     def _run_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop, once the turn's I/O is served: run the waiting batches here, while
@@ -187,7 +191,7 @@ class Batcher(Generic[T, R]):
             except Exception as exc:
                 outcome = exc
             ended = self._clock.monotonic()
-            self._run_s += (ended - started - self._run_s) * _SMOOTHING
+            self._runs.append(ended - started)
             self._probed_at = ended
             self._complete(batch, self._checked(outcome))
         self._start_next(loop)

@@ -87,9 +87,9 @@ COMPACT_BELOW: Final = 0.25  # of a segment's size still live
 COMPACT_CHUNK_BYTES: Final = 1024 * 1024  # per relocation batch: stores wait behind it
 BATCH_RECORDS: Final = 256  # two iovecs each, under IOV_MAX
 BATCH_BYTES: Final = 8 * 1024 * 1024
-# Commits run on the event loop while their smoothed duration (write + fdatasync) stays
+# Commits run on the event loop while their typical duration (write + fdatasync) stays
 # under this, on the commit thread otherwise (see batch.py); None: always on the thread.
-COMMIT_ON_LOOP_UNDER_S: Final = 0.002
+COMMIT_ON_LOOP_UNDER_S: Final = 0.005
 CLOSE_WAIT_S: Final = 5.0
 _T = TypeVar("_T")
 
