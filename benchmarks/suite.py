@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             "messages": {str(k): v for k, v in mode.messages.items()},
             "cells": [c.slug for c in mode.cells()],
             "paths": paths,
-            "client": "benchmarks/loadgen.py (raw SMTP, asyncio + uvloop, no pipelining)",
+            "client": "benchmarks/loadgen.py (raw SMTP, asyncio protocols + uvloop, no pipelining)",
             "sink": sink_kind,
             "smtpbalancer_overrides": ctx.overrides,
             "smtpbalancer_config": peers.Smtpbalancer(work, ctx.overrides).config([0, 0]),
