@@ -77,6 +77,7 @@ class Guard(SMTP):
         self._armed_at: float | None = None
         # True while the session's task waits for a command line (see fast_lane.py).
         self.parked = False
+        self._continued: list[bytes] = []  # lines of a multi-line reply not yet written
 
     def __dir__(self) -> list[str]:
         return aiosmtpd_names(self)  # aiosmtpd's per-connection tables: see dispatch_names
@@ -145,6 +146,13 @@ class Guard(SMTP):
             data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n"
         else:
             data = status + b"\r\n"
+        if data[3:4] == b"-":  # a reply's continuation line: written with its last line
+            self._continued.append(data)
+            return
+        if self._continued:  # EHLO's ten lines: one write and one segment, not ten
+            self._continued.append(data)
+            data = b"".join(self._continued)
+            self._continued.clear()
         writer = self._writer
         transport = writer.transport
         transport.write(data)
