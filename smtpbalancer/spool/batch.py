@@ -1,4 +1,4 @@
-"""Group commit: many callers, one call on a dedicated thread per batch.
+"""Group commit: many callers, one call per batch, on the loop or a dedicated thread.
 
 Callers `submit` an item and wait; items that arrive while a batch runs form the
 next batch, so under load one thread call (one fdatasync, for the segment log)
@@ -40,12 +40,12 @@ caller cancelled meanwhile cannot leave a durable record unaccounted for. The th
 is woken for the next batch only after that, so the thread and `settle` never
 overlap.
 
-Cost per batch (it is on every message's path): one queue put, one
-`call_soon_threadsafe` back, and one plain future per waiting caller; per item, one
-uncontended lock. A caller that gives up cancels only its own future, never the batch.
-A caller may pass a callback instead of waiting on a future (`then`): it is called
-as the batch completes, in the same loop turn, where a future's waiter would resume
-only in the next one.
+Cost per batch (it is on every message's path): one `call_soon` on the loop, or one
+queue put and one `call_soon_threadsafe` back on the thread, and one plain future per
+waiting caller; per item, one uncontended lock. A caller that gives up cancels only
+its own future, never the batch. A caller may pass a callback instead of waiting on a
+future (`then`): it is called as the batch completes, in the same loop turn, where a
+future's waiter would resume only in the next one.
 """
 
 from __future__ import annotations

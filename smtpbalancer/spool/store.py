@@ -13,12 +13,14 @@ Layout under the spool directory:
     lock                      flock'd by the one process that owns the spool
 
 Write recipe (invariant 1): `store` encodes the record on the loop and hands it to
-the commit thread; the records of concurrent stores go out in one pwritev and one
+the commit batcher; the records of concurrent stores go out in one pwritev and one
 fdatasync (batch.py, writer.py), and each store returns only after the fdatasync of
 its batch, and for a new segment after the fsync of the segments directory. A failed
 write or fdatasync fails the whole batch (SpoolError: 451) and none of its records is
-ever delivered (writer.py). The commit thread is the only writer: no locks, and the
-event loop never blocks on the disk.
+ever delivered (writer.py). A batch runs on the event loop at the end of a turn while
+fdatasync is fast (a median under COMMIT_ON_LOOP_UNDER_S), on the commit thread
+otherwise, one batch at a time either way: no locks, and a slow disk never blocks the
+loop for more than the occasional probe.
 
 Completion: `remove` appends the queue id to the segment's .done file without an
 fsync (a lost mark only means a redelivery after a crash, which at-least-once allows)
@@ -182,8 +184,9 @@ class SpoolStore:
             compact_min_bytes=IDLE_ROTATE_BYTES,
             idle_rotate_bytes=IDLE_ROTATE_BYTES,
         )
-        # Rotation asked for (on the loop) and done (by the commit thread): counts, not one
-        # flag both sides write, so that no request is lost while a batch is being taken.
+        # Rotation asked for (on the loop) and done (where the batch runs: the commit thread,
+        # or the loop): counts, not one flag both sides write, so that no request is lost
+        # while a batch is being taken.
         self._rotations_asked = 0
         self._rotations_done = 0
         self._sidecars: set[str] = set()  # ids that have a .state or .hold file
@@ -368,7 +371,8 @@ class SpoolStore:
         return meta, _Pending(queue_id, wall, prefix, body)
 
     def _commit(self, batch: list[_Pending]) -> tuple[int, list[int]]:
-        # The commit thread: a rotation asked for since the last batch applies to this one.
+        # Where the batch runs (the loop or the commit thread, one batch at a time): a
+        # rotation asked for since the last batch applies to this one.
         asked = self._rotations_asked
         rotate = asked != self._rotations_done
         self._rotations_done = asked

@@ -1,7 +1,8 @@
 """The one appender of the segment log: a batch of records, one write, one fdatasync.
 
-Thread-confined: only the spool's commit thread calls `append`, one batch at a time
-(batch.py); the event loop reads `seq` and `size` only between batches.
+One caller at a time: the spool's commit batcher calls `append` for one batch at a
+time, on the event loop or on its thread (batch.py); the loop reads `seq` and `size`
+only between batches.
 
 Recipe for a batch (invariant 1: nobody hears 250 before this returns):
 1. no open segment, or it reached `rotate_bytes` (or the store asked to rotate):
