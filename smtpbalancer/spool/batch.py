@@ -15,11 +15,12 @@ Where a batch runs, when nothing is running yet:
   whatever the loop is busy with: under load (100 sessions, 2 cores) that was a
   median 2.5 ms and a p99 of 15 ms per commit, against a 0.3 ms fdatasync. The loop
   is blocked while the batch runs, so this holds only while runs are short: once
-  the median of the last few reaches `on_loop_under_s` (a slow disk), batches go
-  to the thread and the loop keeps serving sessions; one batch per `probe_every_s`
-  is still run on the loop, to notice when the disk is fast again. The median, not
-  a mean: on a busy machine some runs look slow only because the process waited
-  for a CPU after its fdatasync returned, which the thread would not avoid.
+  the median of the last few runs (wherever they ran) reaches `on_loop_under_s` (a
+  slow disk), batches go to the thread and the loop keeps serving sessions; when
+  the thread's runs are fast again, they bring batches back, without the loop ever
+  having to try a slow disk itself. The median, not a mean: on a busy machine some
+  runs look slow only because the process waited for a CPU (or the thread for the
+  GIL) after its fdatasync returned.
 - on the thread, `eager` (the spool's commits, when not on the loop): at once. The
   thread takes the batch when it next holds the GIL, usually when the loop goes to
   poll for I/O, so what else the loop adds in the meantime joins it.
@@ -93,7 +94,6 @@ class Batcher(Generic[T, R]):
         settle: Callable[[list[T], R | Exception], None] | None = None,
         eager: bool = False,
         on_loop_under_s: float | None = None,
-        probe_every_s: float = 1.0,
         clock: Clock | None = None,
     ) -> None:
         self._name = name
@@ -104,10 +104,8 @@ class Batcher(Generic[T, R]):
         self._settle = settle
         self._eager = eager
         self._on_loop_under_s = on_loop_under_s
-        self._probe_every_s = probe_every_s
         self._clock = clock or SystemClock()
-        self._runs: deque[float] = deque(maxlen=_RUNS_KEPT)  # durations on the loop, s
-        self._probed_at = 0.0  # clock.monotonic() when the last batch run on the loop ended
+        self._runs: deque[float] = deque(maxlen=_RUNS_KEPT)  # latest run durations, s
         self._queue: deque[_Batch[T]] = deque()  # waiting batches; the running one is not here
         self._busy = False  # a batch is running, or the first one is about to start
         self._work: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = queue.SimpleQueue()
@@ -175,9 +173,7 @@ class Batcher(Generic[T, R]):
         if limit is None or self._closed:
             return False
         runs = self._runs
-        if not runs or sorted(runs)[len(runs) // 2] < limit:
-            return True
-        return self._clock.monotonic() - self._probed_at >= self._probe_every_s
+        return not runs or sorted(runs)[len(runs) // 2] < limit
 
     def _run_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop, once the turn's I/O is served: run the waiting batches here, while
@@ -190,9 +186,7 @@ class Batcher(Generic[T, R]):
                 outcome = self._run(batch.items)
             except Exception as exc:
                 outcome = exc
-            ended = self._clock.monotonic()
-            self._runs.append(ended - started)
-            self._probed_at = ended
+            self._runs.append(self._clock.monotonic() - started)
             self._complete(batch, self._checked(outcome))
         self._start_next(loop)
 
@@ -216,20 +210,28 @@ class Batcher(Generic[T, R]):
             with self._lock:
                 batch = self._queue.popleft()
             outcome: R | BaseException
+            started = self._clock.monotonic()
             try:
                 outcome = self._run(batch.items)
             except BaseException as exc:
                 outcome = exc
+            took = self._clock.monotonic() - started
             try:
-                loop.call_soon_threadsafe(self._ran, batch, outcome, loop)
+                loop.call_soon_threadsafe(self._ran, batch, outcome, took, loop)
             except RuntimeError:  # the loop is closed: nobody waits for this batch any more
                 return
 
     def _ran(
-        self, batch: _Batch[T], outcome: R | BaseException, loop: asyncio.AbstractEventLoop
+        self,
+        batch: _Batch[T],
+        outcome: R | BaseException,
+        took: float,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        if self._on_loop_under_s is not None:
+            self._runs.append(took)
         self._complete(batch, self._checked(outcome))
-        if self._here():  # the disk may be fast again: this batch's successor probes it
+        if self._here():  # the disk is fast (again): the next batches run on the loop
             self._run_here(loop)
         else:
             self._start_next(loop)

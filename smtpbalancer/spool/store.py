@@ -19,8 +19,8 @@ its batch, and for a new segment after the fsync of the segments directory. A fa
 write or fdatasync fails the whole batch (SpoolError: 451) and none of its records is
 ever delivered (writer.py). A batch runs on the event loop at the end of a turn while
 fdatasync is fast (a median under COMMIT_ON_LOOP_UNDER_S), on the commit thread
-otherwise, one batch at a time either way: no locks, and a slow disk never blocks the
-loop for more than the occasional probe.
+otherwise, one batch at a time either way: no locks, and a disk that turns slow blocks
+the loop for a few batches at most.
 
 Completion: `remove` appends the queue id to the segment's .done file without an
 fsync (a lost mark only means a redelivery after a crash, which at-least-once allows)

@@ -226,7 +226,6 @@ def make_on_loop(
     settled: list[tuple[list[int], object]] | None = None,
     *,
     under_s: float = 1.0,
-    probe_every_s: float = 1.0,
 ) -> Batcher[int, int]:
     def settle(items: list[int], outcome: object) -> None:
         if settled is not None:
@@ -241,7 +240,6 @@ def make_on_loop(
         settle=settle,
         eager=True,
         on_loop_under_s=under_s,
-        probe_every_s=probe_every_s,
     )
 
 
@@ -265,7 +263,7 @@ async def test_fast_batches_run_on_the_loop_at_the_end_of_the_turn_and_answer_in
     batcher.close()
 
 
-async def test_slow_batches_go_to_the_thread_and_a_probe_on_the_loop_brings_them_back() -> None:
+async def test_slow_batches_go_to_the_thread_until_fast_runs_there_bring_them_back() -> None:
     delay = [0.05]
     where: list[str] = []
 
@@ -274,15 +272,13 @@ async def test_slow_batches_go_to_the_thread_and_a_probe_on_the_loop_brings_them
         time.sleep(delay[0])
         return 0
 
-    batcher = make_on_loop(run, under_s=0.005, probe_every_s=0.2)
+    batcher = make_on_loop(run, under_s=0.005)
     await batcher.submit(1)  # nothing known yet: on the loop, and slow
     await batcher.submit(2)  # so the next one blocks the thread, not the loop
     delay[0] = 0.0
-    await batcher.submit(3)  # fast now, but still unknown to the batcher: the thread
-    await asyncio.sleep(0.25)
-    await batcher.submit(4)  # a probe is due: on the loop, fast
-    await batcher.submit(5)  # one fast probe does not outweigh the slow history yet
-    assert where == ["loop", "thread", "thread", "loop", "thread"]
+    for i in range(3, 7):  # fast now: once most of the recent runs are, back on the loop
+        await batcher.submit(i)
+    assert where == ["loop", "thread", "thread", "thread", "thread", "loop"]
     batcher.close()
 
 
@@ -297,7 +293,7 @@ async def test_a_few_slow_runs_among_fast_ones_keep_batches_on_the_loop() -> Non
         time.sleep(next(runs))
         return 0
 
-    batcher = make_on_loop(run, under_s=0.005, probe_every_s=60)
+    batcher = make_on_loop(run, under_s=0.005)
     for i in range(12):
         await batcher.submit(i)
     assert where == [True] * 12
