@@ -95,7 +95,11 @@ async def test_failures_reach_every_caller_as_spool_errors() -> None:
 
 
 def make_eager(
-    run: object, settled: list[tuple[list[int], object]] | None = None, *, slow_settle: bool = False
+    run: object,
+    settled: list[tuple[list[int], object]] | None = None,
+    *,
+    slow_settle: bool = False,
+    on_loop_under_s: float | None = None,
 ) -> Batcher[int, int]:
     def settle(items: list[int], outcome: object) -> None:
         if slow_settle:
@@ -111,6 +115,7 @@ def make_eager(
         max_bytes=100,
         settle=settle,
         eager=True,
+        on_loop_under_s=on_loop_under_s,
     )
 
 
@@ -222,25 +227,10 @@ async def test_callbacks_are_told_in_the_turn_their_batch_completes_after_settle
 
 
 def make_on_loop(
-    run: object,
-    settled: list[tuple[list[int], object]] | None = None,
-    *,
-    under_s: float = 1.0,
+    run: object, settled: list[tuple[list[int], object]] | None = None, *, under_s: float = 1.0
 ) -> Batcher[int, int]:
-    def settle(items: list[int], outcome: object) -> None:
-        if settled is not None:
-            settled.append((list(items), outcome))
-
-    return Batcher(
-        "test-on-loop",
-        run,  # type: ignore[arg-type]
-        size=lambda item: item,
-        max_items=3,
-        max_bytes=100,
-        settle=settle,
-        eager=True,
-        on_loop_under_s=under_s,
-    )
+    """An eager batcher that runs its batches on the loop while they take under `under_s`."""
+    return make_eager(run, settled, on_loop_under_s=under_s)
 
 
 async def test_fast_batches_run_on_the_loop_at_the_end_of_the_turn_and_answer_in_it() -> None:
