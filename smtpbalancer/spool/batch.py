@@ -231,10 +231,7 @@ class Batcher(Generic[T, R]):
         if self._on_loop_under_s is not None:
             self._runs.append(took)
         self._complete(batch, self._checked(outcome))
-        if self._here():  # the disk is fast (again): the next batches run on the loop
-            self._run_here(loop)
-        else:
-            self._start_next(loop)
+        self._run_here(loop)  # the next batches: on the loop if the disk is fast (again)
 
     def _checked(self, outcome: R | BaseException) -> R | Exception:
         if isinstance(outcome, BaseException) and not isinstance(outcome, SpoolError):
