@@ -12,8 +12,8 @@ rejected; a broken connection counts the message in flight as an error. Each mes
 is tried once: nothing is retried, so `accepted` is what the receiver owes.
 
 Prints one JSON object: counts, `t_start`/`t_end` (time.perf_counter, which is
-CLOCK_MONOTONIC and so comparable across processes on Linux) and the latencies in
-microseconds. Usage:
+CLOCK_MONOTONIC and so comparable across processes on Linux), the latencies in
+microseconds and when each of those final replies was read (microseconds after t_start). Usage:
   python benchmarks/loadgen.py --port P[,P2...] --messages N --sessions S --size BYTES
                                [--per-connection]
 With several ports, session i connects to port i mod their number.
@@ -67,6 +67,7 @@ class Tally:
     reject_codes: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
     latencies_us: list[int] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # perf_counter, per latency
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -185,6 +186,7 @@ class Session:
         if code // 100 == 2:
             tally.accepted += 1
             tally.latencies_us.append(int((now - self.sent_at) * 1e6))
+            tally.answered_at.append(now)
         else:
             tally.rejected += 1
             key = str(code)
@@ -295,6 +297,8 @@ async def run(
         "t_start": t_start,
         "t_end": t_end,
         "latencies_us": t.latencies_us,
+        # when each of those replies was read, in microseconds after t_start
+        "answered_us": [int((a - t_start) * 1e6) for a in t.answered_at],
     }
 
 

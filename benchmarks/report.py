@@ -78,6 +78,8 @@ def summarize(runs: list[Row]) -> list[Row]:
                     "e2e_rate": _stats([r["e2e_rate"] for r in rows]),
                     "p50_ms": _stats([r["p50_ms"] for r in rows]),
                     "p99_ms": _stats([r["p99_ms"] for r in rows]),
+                    "host_slow_ms": _stats([r.get("host_slow_ms") for r in rows]),
+                    "p99_outside_host_ms": _stats([r.get("p99_outside_host_ms") for r in rows]),
                     "cpu_s_per_1000": _stats([r["cpu_s_per_1000"] for r in rows]),
                     "peak_rss_mb": _stats([r["peak_rss_mb"] for r in rows]),
                     "peak_pss_mb": _stats([r.get("peak_pss_mb") for r in rows]),
@@ -144,6 +146,7 @@ def targets(result: Row) -> list[Row]:
         default=None,
     )
     detail = f"; worst 100-session cell: {worst[0]:.1f} ms ({worst[1]})" if worst else ""
+    detail += _host_detail(result, (1024, 100, True))
     out.append(
         {
             "name": "p99 accept latency ≤ 20 ms at 100 sessions (1 KiB, reuse)",
@@ -211,6 +214,61 @@ def targets(result: Row) -> list[Row]:
                 "" if queued >= 100_000 else ", not 100k"
             )
     return out
+
+
+def _host_detail(result: Row, key: tuple[int, int, bool]) -> str:
+    """How the host probe explains a cell's p99 (smtpbalancer's runs), for the target row."""
+    runs = [
+        r for r in result["runs"]
+        if _ok(r) and r["path"] == "smtpbalancer" and cell_key(r) == key
+        and r.get("host_slow_ms") is not None
+    ]  # fmt: skip
+    if not runs:
+        return ""
+    hit = [r for r in runs if r["host_slow_ms"] > 0]
+    clear = [r["p99_outside_host_ms"] for r in runs if r.get("p99_outside_host_ms") is not None]
+    text = f"; host slow windows during {len(hit)} of {len(runs)} repeats"
+    if hit:
+        text += " (" + ", ".join(f"{r['host_slow_ms']:.0f} ms" for r in hit) + ")"
+    if clear:
+        text += f"; p99 of the messages not in flight in one: {statistics.median(clear):.1f} ms"
+    return text
+
+
+def _host_section(result: Row, key: tuple[int, int, bool]) -> list[str]:
+    """Per repeat, for the p99 target's cell: each path's p99 beside the host's slow time."""
+    runs = sorted(
+        (r for r in result["runs"] if _ok(r) and cell_key(r) == key and "host_slow_ms" in r),
+        key=lambda r: (r["repeat"], PATH_ORDER.index(r["path"])),
+    )
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Host slowdowns and the p99",
+        "",
+        f"{cell_label(key)}, every repeat. *host slow*: time of the client's run inside the "
+        "probe's slow windows (hostprobe.py), and the probe's worst slowdown in them. The "
+        "messages in flight during a window all wait for it, so when a run holds one, its "
+        "p99 is about that window. *p99 of the others*: the same run without the messages "
+        "in flight during a window, to tell the host's share of the tail from ours; the "
+        "target is judged on the p99 itself.",
+        "",
+        "| repeat | path | p99 ms | host slow ms (slowdown) | messages in a window "
+        "| p99 of the others ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        slow = f"{r['host_slow_ms']:.0f}"
+        if r.get("host_slowdown"):
+            slow += f" (x{r['host_slowdown']:.0f})"
+        clear = r.get("p99_outside_host_ms")
+        lines.append(
+            f"| {r['repeat'] + 1} | {PATH_LABEL[r['path']]} | "
+            f"{r['p99_ms'] if r['p99_ms'] is None else format(r['p99_ms'], '.1f')} | {slow} | "
+            f"{r.get('in_host_windows', '-')} | {'-' if clear is None else format(clear, '.1f')} |"
+        )
+    return lines
 
 
 def _fmt_pair(a: float | None, b: float | None, unit: str) -> str:
@@ -327,6 +385,17 @@ def markdown(result: Row, chart_name: str | None) -> str:
             f"{m['cpus']} cores busy outside the benchmark's own processes (max {max(other):.2f}; "
             "`other_load_cores` per run in the JSON)"
         )
+    host = result.get("host")
+    if host:
+        every = f", one every {host['every_s']:.1f} s" if host["every_s"] else ""
+        lines.append(
+            f"- **Host slowdowns:** a probe process (`hostprobe.py`) timed the same small piece "
+            f"of work every 5 ms for the whole suite (median {host['median_cpu_us']:.0f} us of "
+            f"CPU); it took ≥{host['slow_factor']:.0f}x that in {host['windows']} windows"
+            f"{every}, the longest {host['longest_ms']:.0f} ms, "
+            f"{host['slow_share'] * 100:.1f}% of the time. These slow every process at once "
+            "and do not show as load: see *Host slowdowns and the p99* below"
+        )
     for path, why in result["skipped"].items():
         lines.append(f"- **Skipped {path}:** {why}")
     for note in result["notes"]:
@@ -400,6 +469,7 @@ def markdown(result: Row, chart_name: str | None) -> str:
                 f"| {PATH_LABEL[r['path']]} | {r['accept_rate']:,.0f} | "
                 f"{(r['e2e_rate'] or 0):,.0f} | {f'{lg:,.0f}' if lg else '-'} |"
             )
+    lines += _host_section(result, (1024, 100, True))
     sc = result.get("scale")
     if sc:
         lines += ["", "## Scale runs (smtpbalancer)", ""]

@@ -4,7 +4,8 @@ Each revision's package is exported with `git archive` and run exactly as the su
 runs smtpbalancer (same config, sinks, load generator and measurement: suite.run_path).
 Revisions are interleaved within each repeat, so drift on a shared machine spreads over
 all of them; the table gives the median (and range) per revision and ratios to the
-first revision, taken within each repeat.
+first revision, taken within each repeat. *p99 outside host slow*: the p99 without the
+messages in flight while the host probe saw the machine's CPUs slow (hostprobe.py).
 
 Usage: python benchmarks/revisions.py REV [REV ...] [--cell 1k-20s-reuse]
            [--messages 10000] [--repeat 3] [--client loadgen|smtp-source]
@@ -77,10 +78,12 @@ def main() -> int:
     cell = parse_cell(args.cell)
     sink_kind = "smtp-sink" if peers.which("smtp-sink") else "pysink"
     work = Path(tempfile.mkdtemp(prefix="smtprevs-"))
+    ctx = suite.Context(
+        argparse.Namespace(keep=False, set=args.set), suite.MODES["full"], work, sink_kind
+    )
+    ctx.probe = suite.hostprobe.HostProbe(work / "hostprobe.txt")  # see hostprobe.py
+    ctx.probe.start()
     try:
-        ctx = suite.Context(
-            argparse.Namespace(keep=False, set=args.set), suite.MODES["full"], work, sink_kind
-        )
         codes = {rev: export(rev, work / f"code-{i}") for i, rev in enumerate(args.revs)}
         rows: dict[str, list[dict[str, Any]]] = {rev: [] for rev in args.revs}
         for repeat in range(args.repeat):
@@ -93,6 +96,7 @@ def main() -> int:
                 rows[rev].append(row)
         report(args, cell, rows)
     finally:
+        ctx.probe.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 1 if ctx.failures else 0
 
@@ -103,8 +107,11 @@ def report(
     base = rows[args.revs[0]]
     print(f"\n{cell.slug}, {args.messages} messages, client {args.client}, {args.repeat} repeat(s)"
           f"{', ' + ' '.join(args.set) if args.set else ''}")  # fmt: skip
-    print("| revision | accepted msg/s | end-to-end msg/s | p99 ms | CPU ms/msg | e2e x first"
-          " | CPU x first |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| revision | accepted msg/s | end-to-end msg/s | p99 ms | p99 outside host slow ms"
+        " | CPU ms/msg | e2e x first | CPU x first |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for rev, runs in rows.items():
         ok = [
             (r, b) for r, b in zip(runs, base, strict=True) if "error" not in r and "error" not in b
@@ -113,10 +120,12 @@ def report(
         cpu_x = [r["cpu_s_per_1000"] / b["cpu_s_per_1000"] for r, b in ok
                  if r["cpu_s_per_1000"] and b["cpu_s_per_1000"]]  # fmt: skip
         good = [r for r in runs if "error" not in r]
+        clear = [r["p99_outside_host_ms"] for r in good if r.get("p99_outside_host_ms") is not None]
         print(
             f"| {describe(rev)} | {spread([r['accept_rate'] for r in good], ',.0f')}"
             f" | {spread([r['e2e_rate'] for r in good if r['e2e_rate']], ',.0f')}"
             f" | {spread([r['p99_ms'] for r in good if r['p99_ms'] is not None], '.1f')}"
+            f" | {spread(clear, '.1f')}"
             f" | {spread([r['cpu_s_per_1000'] for r in good if r['cpu_s_per_1000']], '.2f')}"
             f" | x{spread(e2e_x, '.2f')} | x{spread(cpu_x, '.2f')} |"
         )

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hostprobe
 import peers
 import procstat
 import report
@@ -109,6 +110,7 @@ class Context:
         self.counter = 0
         self.failures: list[str] = []
         self.code: Path | None = None  # the snapshot of the package under test
+        self.probe: hostprobe.HostProbe | None = None
 
     def rundir(self, label: str) -> Path:
         self.counter += 1
@@ -322,10 +324,11 @@ def measure(
             t_start, t_end = float(res["t_start"]), float(res["t_end"])
             accepted, rejected, errors = res["accepted"], res["rejected"], res["errors"]
             lat = sorted(res["latencies_us"])
+            answered = list(zip(res["answered_us"], res["latencies_us"], strict=True))
         else:  # smtp-source: exit 0 means every message got its 250
             t_start, t_end = t_launch, t_exit
             accepted = n if code == 0 else 0
-            rejected, errors, lat = 0, (0 if code == 0 else n), []
+            rejected, errors, lat, answered = 0, (0 if code == 0 else n), [], []
             res = {"reject_codes": {}, "error_kinds": {} if code == 0 else {"exit": code}}
         deadline = time.perf_counter() + ctx.mode.e2e_timeout
         complete = True
@@ -387,7 +390,33 @@ def measure(
         # kernel's own threads): the noise floor of this run's figures.
         "other_load_cores": round(max(0.0, (busy1 - busy0) - ours) / wall, 2),
         "sink_cpu_s": round(sink_cpu1 - sink_cpu0, 3),
+        **host_slowdowns(ctx, t_start, t_end, answered),
     }
+
+
+def host_slowdowns(
+    ctx: Context, t_start: float, t_end: float, answered: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """What the host probe saw during the client's run (hostprobe.py): the time spent in
+    slow windows, and the p99 of the messages not in flight during one of them."""
+    if ctx.probe is None:
+        return {}
+    found = [
+        w
+        for w in hostprobe.windows(ctx.probe.samples_until(t_end))
+        if w.end > t_start and w.start < t_end
+    ]
+    out: dict[str, Any] = {
+        "host_slow_ms": round(hostprobe.overlap_s(found, t_start, t_end) * 1000, 1),
+        "host_windows": len(found),
+        "host_slowdown": max((w.slowdown for w in found), default=None),
+    }
+    if answered:
+        spans = [(t_start + (a - lat) / 1e6, t_start + a / 1e6) for a, lat in answered]
+        clear = sorted(answered[i][1] for i in hostprobe.outside(found, spans))
+        out["p99_outside_host_ms"] = percentile(clear, 0.99)
+        out["in_host_windows"] = len(answered) - len(clear)  # messages in flight in one
+    return out
 
 
 def start_with_retry(target: peers.Target, sinks: peers.Sinks) -> None:
@@ -729,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="smtpbench-", dir=work_parent))
     work.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue below it
     ctx = Context(args, mode, work, sink_kind)
+    ctx.probe = hostprobe.HostProbe(work / "hostprobe.txt")
+    ctx.probe.start()
     code_sha = None
     if not args.no_snapshot:
         ctx.code, code_sha = snapshot_code(work / "code")
@@ -794,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         say("interrupted: every process this run started has been stopped")
     finally:
+        ctx.probe.stop()
+        result["host"] = host_summary(ctx.probe.samples())
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
@@ -810,6 +843,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     write_outputs(result, args, md_default=None if mode.name == "smoke" else HERE / "RESULTS.md")
     return 1 if ctx.failures else 0
+
+
+def host_summary(samples: list[hostprobe.Sample]) -> dict[str, Any] | None:
+    """The probe over the whole suite: its usual cost, and how much of the time was slow."""
+    if len(samples) < 2:
+        return None
+    found = hostprobe.windows(samples)
+    span = samples[-1].at - samples[0].at
+    return {
+        "samples": len(samples),
+        "median_cpu_us": statistics.median(s.cpu_us for s in samples),
+        "windows": len(found),
+        "slow_share": round(sum(w.end - w.start for w in found) / max(span, 1e-9), 4),
+        "longest_ms": round(max((w.ms for w in found), default=0.0), 1),
+        "every_s": round(span / len(found), 2) if found else None,
+        "slow_factor": hostprobe.SLOW_FACTOR,
+    }
 
 
 def write_outputs(

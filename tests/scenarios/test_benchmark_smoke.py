@@ -42,6 +42,12 @@ def test_smoke_run_relays_every_message_through_smtpbalancer(tmp_path: Path) -> 
         assert run["complete"] is True
         assert run["e2e_rate"] is not None and run["e2e_rate"] > 0
         assert run["cpu_s_per_1000"] is not None and run["peak_rss_mb"] > 0
+        # the host probe watched the run: its slow time, and the p99 without those messages
+        assert run["host_slow_ms"] >= 0 and run["host_windows"] >= 0, run
+        assert run["p99_outside_host_ms"] is not None or run["in_host_windows"] == run["accepted"]
+
+    host = result["host"]  # the probe ran for the whole suite
+    assert host is not None and host["samples"] > 100 and host["median_cpu_us"] > 0, host
 
     direct = [r for r in result["runs"] if r["path"] == "direct"]
     assert direct and all(r["sink_count"] == r["accepted"] == r["messages"] for r in direct)
