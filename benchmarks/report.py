@@ -262,10 +262,10 @@ def _host_section(result: Row, key: tuple[int, int, bool]) -> list[str]:
         slow = f"{r['host_slow_ms']:.0f}"
         if r.get("host_slowdown"):
             slow += f" (x{r['host_slowdown']:.0f})"
-        clear = r.get("p99_outside_host_ms")
+        p99, clear = r.get("p99_ms"), r.get("p99_outside_host_ms")
         lines.append(
             f"| {r['repeat'] + 1} | {PATH_LABEL[r['path']]} | "
-            f"{r['p99_ms'] if r['p99_ms'] is None else format(r['p99_ms'], '.1f')} | {slow} | "
+            f"{'-' if p99 is None else format(p99, '.1f')} | {slow} | "
             f"{r.get('in_host_windows', '-')} | {'-' if clear is None else format(clear, '.1f')} |"
         )
     return lines
