@@ -7,7 +7,7 @@ stays near zero. Measured on this suite's machine with nothing else running: a f
 piece of pure-Python work took 10-14x its usual CPU time in windows of 20-80 ms, every
 1-2 s, about 3% of the time. Every process is slowed together, so each message in
 flight during such a window waits for it: at 100 sessions that is about 100 messages,
-1% of a 10,000-message run, which is where its p99 lands.
+1% of a 10,000-message run, enough to set its p99.
 
 The probe is a process of its own that does the same work (about 40 us of CPU) every
 5 ms, under 1% of a core, and writes each sample's start (time.perf_counter, comparable
