@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import peers
+
 INTERVAL_S = 0.005
 WORK_LOOPS = 600  # about 40 us of CPU here
 SLOW_FACTOR = 4.0
@@ -110,7 +112,7 @@ def parse(text: str) -> list[Sample]:
 
 
 class HostProbe:
-    """The probe process, for the suite: start, ask for the windows of a run, stop."""
+    """The probe process, for the suite: start it, read its samples as it goes, stop it."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -139,13 +141,7 @@ class HostProbe:
         )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        peers.stop_process(self.proc, 5)
 
     def samples_until(self, t: float, timeout: float = 2.0) -> list[Sample]:
         """Every sample so far, once the probe has written one past `t` (or the timeout)."""
