@@ -78,6 +78,7 @@ def summarize(runs: list[Row]) -> list[Row]:
                     "e2e_rate": _stats([r["e2e_rate"] for r in rows]),
                     "p50_ms": _stats([r["p50_ms"] for r in rows]),
                     "p99_ms": _stats([r["p99_ms"] for r in rows]),
+                    "p99_read_ms": _stats([r.get("p99_read_ms") for r in rows]),
                     "host_slow_ms": _stats([r.get("host_slow_ms") for r in rows]),
                     "p99_outside_host_ms": _stats([r.get("p99_outside_host_ms") for r in rows]),
                     "cpu_s_per_1000": _stats([r["cpu_s_per_1000"] for r in rows]),
@@ -145,7 +146,9 @@ def targets(result: Row) -> list[Row]:
         ),
         default=None,
     )
-    detail = f"; worst 100-session cell: {worst[0]:.1f} ms ({worst[1]})" if worst else ""
+    read = _med(lat, "p99_read_ms")
+    detail = f" ({read:.1f} ms as the load generator read the replies)" if read else ""
+    detail += f"; worst 100-session cell: {worst[0]:.1f} ms ({worst[1]})" if worst else ""
     detail += _host_detail(result, (1024, 100, True))
     out.append(
         {
@@ -252,20 +255,22 @@ def _host_section(result: Row, key: tuple[int, int, bool]) -> list[str]:
         "messages in flight during a window all wait for it, so when a run holds one, its "
         "p99 is about that window. *p99 of the others*: the same run without the messages "
         "in flight during a window, to tell the host's share of the tail from ours; the "
-        "target is judged on the p99 itself.",
+        "target is judged on the p99 itself. *p99 as read*: to when the load generator read "
+        "each reply rather than when it arrived, its own delays included.",
         "",
-        "| repeat | path | p99 ms | host slow ms (slowdown) | messages in a window "
-        "| p99 of the others ms |",
-        "|---|---|---|---|---|---|",
+        "| repeat | path | p99 ms | p99 as read ms | host slow ms (slowdown) "
+        "| messages in a window | p99 of the others ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         slow = f"{r['host_slow_ms']:.0f}"
         if r.get("host_slowdown"):
             slow += f" (x{r['host_slowdown']:.0f})"
-        p99, clear = r.get("p99_ms"), r.get("p99_outside_host_ms")
+        p99, clear, read = r.get("p99_ms"), r.get("p99_outside_host_ms"), r.get("p99_read_ms")
         lines.append(
             f"| {r['repeat'] + 1} | {PATH_LABEL[r['path']]} | "
-            f"{'-' if p99 is None else format(p99, '.1f')} | {slow} | "
+            f"{'-' if p99 is None else format(p99, '.1f')} | "
+            f"{'-' if read is None else format(read, '.1f')} | {slow} | "
             f"{r.get('in_host_windows', '-')} | {'-' if clear is None else format(clear, '.1f')} |"
         )
     return lines
@@ -420,7 +425,8 @@ def markdown(result: Row, chart_name: str | None) -> str:
         "",
         "Median over the repeats, (min-max) when they differ. *accepted*: messages / time from "
         "the first connection to the last `250`. *end to end*: until the sinks counted every "
-        "accepted message and the path's queue is empty. Latency: end of DATA → final reply. "
+        "accepted message and the path's queue is empty. Latency: end of DATA → final reply, "
+        "as it arrived at the client's socket (the kernel's receive time). "
         "CPU and memory: the path's own processes (none for direct; the sink and the client "
         "are not counted); RSS is the sum of each process's peak (VmHWM), PSS the largest "
         "sampled sum of proportional set sizes (shared pages counted once). Ratios: within "

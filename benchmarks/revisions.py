@@ -6,6 +6,7 @@ Revisions are interleaved within each repeat, so drift on a shared machine sprea
 all of them; the table gives the median (and range) per revision and ratios to the
 first revision, taken within each repeat. *p99 outside host slow*: the p99 without the
 messages in flight while the host probe saw the machine's CPUs slow (hostprobe.py).
+*p99 as read*: to when the load generator read each final reply, not when it arrived.
 
 Usage: python benchmarks/revisions.py REV [REV ...] [--cell 1k-20s-reuse]
            [--messages 10000] [--repeat 3] [--client loadgen|smtp-source]
@@ -108,10 +109,10 @@ def report(
     print(f"\n{cell.slug}, {args.messages} messages, client {args.client}, {args.repeat} repeat(s)"
           f"{', ' + ' '.join(args.set) if args.set else ''}")  # fmt: skip
     print(
-        "| revision | accepted msg/s | end-to-end msg/s | p99 ms | p99 outside host slow ms"
-        " | CPU ms/msg | e2e x first | CPU x first |"
+        "| revision | accepted msg/s | end-to-end msg/s | p99 ms | p99 as read ms"
+        " | p99 outside host slow ms | CPU ms/msg | e2e x first | CPU x first |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rev, runs in rows.items():
         ok = [
             (r, b) for r, b in zip(runs, base, strict=True) if "error" not in r and "error" not in b
@@ -125,6 +126,7 @@ def report(
             f"| {describe(rev)} | {spread([r['accept_rate'] for r in good], ',.0f')}"
             f" | {spread([r['e2e_rate'] for r in good if r['e2e_rate']], ',.0f')}"
             f" | {spread([r['p99_ms'] for r in good if r['p99_ms'] is not None], '.1f')}"
+            f" | {spread([r['p99_read_ms'] for r in good if r.get('p99_read_ms')], '.1f')}"
             f" | {spread(clear, '.1f')}"
             f" | {spread([r['cpu_s_per_1000'] for r in good if r['cpu_s_per_1000']], '.2f')}"
             f" | x{spread(e2e_x, '.2f')} | x{spread(cpu_x, '.2f')} |"

@@ -324,11 +324,12 @@ def measure(
             t_start, t_end = float(res["t_start"]), float(res["t_end"])
             accepted, rejected, errors = res["accepted"], res["rejected"], res["errors"]
             lat = sorted(res["latencies_us"])
+            read = sorted(res["read_latencies_us"])
             answered = list(zip(res["answered_us"], res["latencies_us"], strict=True))
         else:  # smtp-source: exit 0 means every message got its 250
             t_start, t_end = t_launch, t_exit
             accepted = n if code == 0 else 0
-            rejected, errors, lat, answered = 0, (0 if code == 0 else n), [], []
+            rejected, errors, lat, read, answered = 0, (0 if code == 0 else n), [], [], []
             res = {"reject_codes": {}, "error_kinds": {} if code == 0 else {"exit": code}}
         deadline = time.perf_counter() + ctx.mode.e2e_timeout
         complete = True
@@ -378,6 +379,8 @@ def measure(
         "p50_ms": percentile(lat, 0.50),
         "p99_ms": percentile(lat, 0.99),
         "max_ms": percentile(lat, 1.0),
+        # the same, to when the load generator read each reply (its own delays included)
+        "p99_read_ms": percentile(read, 0.99),
         "cpu_s": round(cpu, 3) if cpu is not None else None,
         "cpu_s_per_1000": round(cpu / max(accepted, 1) * 1000, 4) if cpu is not None else None,
         "peak_rss_mb": round(mem.peak_hwm_kib / 1024, 1) if roots else None,
