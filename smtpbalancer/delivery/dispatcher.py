@@ -150,6 +150,10 @@ class Dispatcher:
     def enqueue(
         self, meta: MessageMeta, body: bytes | None, progress: Progress | None = None
     ) -> None:
+        """Schedule a spooled message. `body`, when given, is the copy this process just
+        spooled: the front end's normalised payload or a DSN, CRLF-clean by construction,
+        so it is relayed without its line ends being counted again; one read back from the
+        spool (None here) is checked, since it may predate the normalisation."""
         progress = progress or NO_PROGRESS
         job = Job(meta, progress)
         self._jobs[meta.queue_id] = job
@@ -429,6 +433,7 @@ class Dispatcher:
         reported = False  # once True, the breaker heard this attempt's verdict
         try:
             meta, body = job.meta, job.body
+            hot = meta is not None and body is not None  # CRLF-clean: see `enqueue`
             if meta is None or body is None:
                 loaded = await self._load(job)
                 if loaded is None:
@@ -440,10 +445,15 @@ class Dispatcher:
             self.attempts += 1
             started = self._clock.monotonic()
             if not 0 < len(pending) <= upstream.config.max_recipients_per_message:
-                verdict = await self._send_chunks(upstream, env, pending, body)
+                verdict = await self._send_chunks(upstream, env, pending, body, hot)
             else:
                 result = await upstream.send(
-                    env.mail_from, pending, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+                    env.mail_from,
+                    pending,
+                    body,
+                    smtputf8=env.smtputf8,
+                    body_8bit=env.body_8bit,
+                    crlf_clean=hot,
                 )
                 if (
                     self._events is None
@@ -482,7 +492,12 @@ class Dispatcher:
             self._release_slot()
 
     async def _send_chunks(
-        self, upstream: Upstream, env: Envelope, pending: tuple[str, ...], body: bytes
+        self,
+        upstream: Upstream,
+        env: Envelope,
+        pending: tuple[str, ...],
+        body: bytes,
+        crlf_clean: bool,
     ) -> Verdict:
         """RFC 5321 §4.5.3.1.8: a relay may cap recipients per transaction; split, and
         track every recipient. After a broken session the remaining chunks wait."""
@@ -494,7 +509,12 @@ class Dispatcher:
                 verdicts.append(not_tried(chunk))
                 continue
             result = await upstream.send(
-                env.mail_from, chunk, body, smtputf8=env.smtputf8, body_8bit=env.body_8bit
+                env.mail_from,
+                chunk,
+                body,
+                smtputf8=env.smtputf8,
+                body_8bit=env.body_8bit,
+                crlf_clean=crlf_clean,
             )
             verdicts.append(classify(result, chunk))
         return verdicts[0] if len(verdicts) == 1 else merge(verdicts)

@@ -235,10 +235,14 @@ class UpstreamConnection:
         *,
         smtputf8: bool = False,
         body_8bit: bool = False,
+        crlf_clean: bool = False,
     ) -> SendResult:
         """Run one transaction. Raises UpstreamError if the session breaks.
 
-        The addresses were validated at the front end (no control characters). Replies
+        The addresses were validated at the front end (no control characters). With
+        `crlf_clean` the caller vouches that every CR and LF of `body` is part of a CRLF
+        (a body this process normalised itself), and its line ends are not counted again:
+        that costs three passes over the body, a tenth of the CPU of a 50 KiB message. Replies
         are awaited here, not in helpers: every frame on the await chain is resumed at
         every reply, so the pipelined path is written out in this one coroutine.
         """
@@ -284,7 +288,7 @@ class UpstreamConnection:
             return SendResult(refused=refused, final=Reply.parse(code, text))
         # The body, dots doubled, and the final dot; then its one reply.
         try:
-            wire.write(_dot_stuffed(body))
+            wire.write(_dot_stuffed(body, crlf_clean=crlf_clean))
             if wire.needs_drain:  # a large body, or the wire broke
                 await wire.drain()
             waiter = wire.expect(1, self._timeout_s)
@@ -425,13 +429,15 @@ def _extensions(ehlo_reply: str) -> dict[str, str]:
     return found
 
 
-def _dot_stuffed(body: bytes) -> bytes:
+def _dot_stuffed(body: bytes, *, crlf_clean: bool = False) -> bytes:
     """The body as sent after DATA's 354: CRLF line ends, dots doubled (RFC 5321 §4.5.2),
     and the final dot. Spooled bodies are CRLF-clean (the front end normalised them);
-    three C-level counts make sure: every CR and LF is part of a CRLF pair."""
-    pairs = body.count(b"\r\n")
-    if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
-        body = _LINE_ENDS.sub(b"\r\n", body)
+    unless the caller vouches for this one (`crlf_clean`: it never left this process's
+    memory), three C-level counts make sure: every CR and LF is part of a CRLF pair."""
+    if not crlf_clean:
+        pairs = body.count(b"\r\n")
+        if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
+            body = _LINE_ENDS.sub(b"\r\n", body)
     stuffed = body.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed

@@ -124,7 +124,14 @@ class Upstream:
         return Candidate(self.name, weight, self.config.backup, eligible, ready_at)
 
     async def send(
-        self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool, body_8bit: bool
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        body: bytes,
+        *,
+        smtputf8: bool,
+        body_8bit: bool,
+        crlf_clean: bool = False,
     ) -> SendResult | UpstreamError:
         """One transaction on a pooled connection: the relay's answer, or the UpstreamError
         that broke the session (returned, not raised: the dispatcher classifies both).
@@ -144,7 +151,12 @@ class Upstream:
             completed = False
             try:
                 result = await conn.send(
-                    mail_from, rcpts, body, smtputf8=smtputf8, body_8bit=body_8bit
+                    mail_from,
+                    rcpts,
+                    body,
+                    smtputf8=smtputf8,
+                    body_8bit=body_8bit,
+                    crlf_clean=crlf_clean,
                 )
                 completed = True
                 return result

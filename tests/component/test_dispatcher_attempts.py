@@ -37,10 +37,19 @@ class Relay:
 
     crashes: int = 0
     sent: list[tuple[str, ...]] = field(default_factory=list)
+    vouched: list[bool] = field(default_factory=list)  # crlf_clean, per call
 
     async def send(
-        self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool, body_8bit: bool
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        body: bytes,
+        *,
+        smtputf8: bool,
+        body_8bit: bool,
+        crlf_clean: bool = False,
     ) -> SendResult:
+        self.vouched.append(crlf_clean)
         await asyncio.sleep(0)
         if self.crashes:
             self.crashes -= 1
@@ -92,6 +101,23 @@ async def test_a_crash_in_the_attempt_keeps_the_message_and_retries_it(
         await wait_until(lambda: dispatcher.completed == 1)
         assert relay.sent == [ENV.rcpt_tos]
         assert dispatcher.attempts == 2 and store.messages == 0
+
+
+async def test_only_the_copy_never_read_back_is_relayed_without_a_line_end_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot copy is the front end's normalised payload (or a DSN): CRLF-clean by
+    construction. A body read back from the spool may predate that normalisation, so the
+    relay client counts its line ends again (invariant 7)."""
+    relay = Relay(crashes=1)  # the crash drops the hot copy: the retry reads it back
+    async with running(tmp_path, relay, monkeypatch) as (dispatcher, store, _):
+        meta = await store.store(ENV, BODY)
+        dispatcher.enqueue(meta, BODY)
+        await wait_until(lambda: dispatcher.completed == 1)
+        recovered = await store.store(ENV, BODY)
+        dispatcher.enqueue(recovered, None)  # as recovery enqueues: no body in memory
+        await wait_until(lambda: dispatcher.completed == 2)
+    assert relay.vouched == [True, False, False]
 
 
 async def test_a_crash_after_the_upstream_accepted_never_resends(

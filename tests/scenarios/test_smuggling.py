@@ -16,6 +16,9 @@ from support.raw import RawClient
 from support.waiting import wait_until
 
 from smtpbalancer.app import App
+from smtpbalancer.clock import SystemClock
+from smtpbalancer.envelope import Envelope
+from smtpbalancer.spool.store import SpoolStore
 
 SMUGGLED = (
     b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n"
@@ -57,3 +60,24 @@ async def test_fake_end_of_data_does_not_smuggle_a_second_message(
     assert b"MAIL FROM:<evil@x>\r\n" in got.data
     assert got.data.count(b"\r") == got.data.count(b"\n") == got.data.count(b"\r\n")
     assert not any(m.mail_from == "evil@x" for m in sink.received)
+
+
+async def test_a_body_spooled_without_normalisation_still_leaves_with_crlf_only(
+    tmp_path: Path, sinks
+) -> None:
+    """Only the front end normalises line ends; a body that reached the spool another way
+    (an older version's spool) is read back cold, and the relay client rewrites it."""
+    spool = tmp_path / "spool"
+    store = SpoolStore(spool, SystemClock())
+    store.open()
+    raw = b"Subject: old\r\n\r\nbare lf\n.dot after a bare lf\nbare cr\r" + SMUGGLED
+    await store.store(Envelope("esp@sender.test", ("reader@rcpt.test",)), raw)
+    store.close()
+    sink = await sinks("relay")
+    async with App(make_config(spool, [("relay", sink.address, 1)])) as app:
+        assert app.recovered == 1
+        await wait_until(lambda: sink.messages >= 1 and app.store.messages == 0)
+    assert sink.messages == 1 and sink.received[0].mail_from == "esp@sender.test"
+    got = sink.received[0].data
+    assert got.count(b"\r") == got.count(b"\n") == got.count(b"\r\n"), got
+    assert b"bare lf\r\n.dot after a bare lf\r\nbare cr\r\nMAIL FROM:<evil@x>\r\n" in got
